@@ -1,0 +1,7 @@
+"""`python -m dgss ...` (also what `torchrun -m dgss train ...` runs)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,471 @@
+"""Typed experiment configuration: dataclasses, YAML loading, dotted overrides, validation.
+
+An experiment is one YAML file whose keys mirror :class:`ExperimentConfig`. A file may start from
+another with ``_base_: path`` (or a list of paths), resolved relative to the file; dictionaries merge
+key by key and everything else is replaced. Command-line overrides use dotted keys
+(``train.lr=2e-4 model.backbone=dinov2_l``) with YAML-parsed values.
+
+Every key is checked against the schema: an unknown key names the closest valid one, a wrong type
+names the key and the type it expects. No key is ever silently ignored.
+
+The schema sections below are owned by the parts of the library that read them; each field's
+comment says what it means and where the default comes from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "ExperimentConfig",
+    "ModelConfig",
+    "HeadConfig",
+    "MethodConfig",
+    "ReinConfig",
+    "FisherTuneConfig",
+    "DatasetConfig",
+    "DataConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "load_config",
+    "from_dict",
+    "to_dict",
+    "apply_overrides",
+    "parse_overrides",
+    "save_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file, the key and what was expected."""
+
+
+# --------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HeadConfig:
+    """Decode head. Defaults are the Mask2Former head of Rein and FisherTune (protocols.md)."""
+
+    type: str = "mask2former"  # "mask2former" | "fpn" (light per-pixel CE head)
+    num_classes: int = 19
+    num_queries: int = 100
+    hidden_dim: int = 256
+    # pixel decoder (multi-scale deformable attention encoder)
+    pixel_decoder_layers: int = 6
+    pixel_decoder_ffn_dim: int = 1024
+    num_heads: int = 8
+    num_points: int = 4
+    # transformer decoder
+    decoder_layers: int = 9
+    decoder_ffn_dim: int = 2048
+    # criterion
+    num_points_loss: int = 12544  # 112 x 112 points for matching and for the losses
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+    class_weight: float = 2.0
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    no_object_weight: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    """Backbone (a timm VFM, see dgss.models.backbones) and head."""
+
+    backbone: str = "dinov2_l"
+    # None: random init; "hub": timm's pretrained download; otherwise a local file
+    # (official DINOv2/EVA02/CLIP/SAM/MAE layouts, timm .safetensors/.pth).
+    weights: Optional[str] = None
+    img_size: int = 512
+    patch_size: int = 16
+    # How a pretrained patch kernel of another size is resized: "rein" = plain bicubic without
+    # magnitude rescaling (what the published Rein checkpoints were trained on), "timm" = timm's
+    # pseudo-inverse resampling.
+    patch_resize: Literal["rein", "timm"] = "rein"
+    out_indices: Optional[list[int]] = None  # None: the family's default (e.g. 7/11/15/23)
+    drop_path_rate: float = 0.0
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # depth, embed_dim, ... (tiny models)
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+
+@dataclass
+class ReinConfig:
+    """Rein (rein.md). Defaults are the published DINOv2-L configuration."""
+
+    num_tokens: int = 100  # M, equals the number of Mask2Former queries
+    lora_rank: Optional[int] = 16  # r; None selects the plain (non-LoRA) tokens
+    query_dim: int = 256  # Q
+    link: Literal["max_mean_last"] = "max_mean_last"
+    scale_init: float = 1e-3
+
+
+@dataclass
+class FisherTuneConfig:
+    """FisherTune (fishertune.md). Defaults are the ones that document lists."""
+
+    num_batches: int = 100
+    rounds: int = 4
+    per_sample: bool = False
+    eps_mu: float = 0.5
+    eps_sigma: float = 0.5
+    perturb_layers: list[int] = field(default_factory=lambda: [0])
+    variational: bool = True
+    gamma: float = 1.0
+    tau_quantile: float = 0.5
+    n_eff: Optional[int] = None  # None: the number of source training images
+    ema_beta: float = 0.5
+    noise_cap: float = 0.05
+    ratio_eps: float = 1e-8
+    delta_min: float = 0.01
+    delta_max: float = 0.05
+    schedule_tau_frac: float = 0.2  # T_s = T3 / 5
+    warmup_iters: int = 1000  # T1
+    selection: Literal["drfim", "fisher", "domain", "random"] = "drfim"
+
+
+@dataclass
+class MethodConfig:
+    """Which tuning method adapts the backbone, and its options."""
+
+    name: str = "frozen"  # frozen | full | rein | fishertune | lora | vpt | adaptformer | vqt | childtune
+    backbone_lr_mult: float = 1.0  # full fine-tuning uses 0.1 (Rein authors)
+    rein: ReinConfig = field(default_factory=ReinConfig)
+    fishertune: FisherTuneConfig = field(default_factory=FisherTuneConfig)
+    options: dict[str, Any] = field(default_factory=dict)  # options of the other methods
+
+
+@dataclass
+class DatasetConfig:
+    """One dataset in the layout its official download unpacks to (protocols.md)."""
+
+    type: str = "cityscapes"  # gtav | synthia | cityscapes | bdd100k | mapillary | acdc | urbansyn | folder | synthetic
+    root: str = ""
+    split: str = "val"
+    name: Optional[str] = None  # display name in tables; default: type (+ condition)
+    condition: Optional[str] = None  # ACDC: fog | night | rain | snow
+    list_file: Optional[str] = None  # restrict to the images listed (one stem per line)
+    first_n: Optional[int] = None  # restrict to the first N images (sorted)
+    fraction: Optional[float] = None  # deterministic fraction (e.g. 1/16 of Cityscapes)
+    resize: Optional[list[int]] = None  # evaluation resize-to-fit (W, H), e.g. [1024, 512]
+    options: dict[str, Any] = field(default_factory=dict)  # layout-specific options
+
+
+@dataclass
+class DataConfig:
+    train: list[DatasetConfig] = field(default_factory=list)
+    val: list[DatasetConfig] = field(default_factory=list)  # source-domain model selection
+    test: list[DatasetConfig] = field(default_factory=list)  # target domains
+    sampling: Literal["proportional", "uniform"] = "proportional"  # multi-source training
+    crop_size: list[int] = field(default_factory=lambda: [512, 512])
+    scales: list[int] = field(default_factory=lambda: [256 + round(i * 768 / 15) for i in range(16)])
+    max_long_side: int = 2048
+    cat_max_ratio: float = 0.75
+    num_workers: int = 4
+    mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
+    std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+
+
+@dataclass
+class TrainConfig:
+    """Iteration-based training; defaults are the 512 recipe of protocols.md."""
+
+    iters: int = 40000
+    batch_size: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    poly_power: float = 0.9
+    warmup_iters: int = 0
+    grad_accum: int = 1
+    clip_grad: Optional[float] = None
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    seed: int = 0
+    eval_interval: int = 4000
+    checkpoint_interval: int = 4000
+    log_interval: int = 50
+    nan_policy: Literal["stop", "skip"] = "stop"
+
+
+@dataclass
+class EvalConfig:
+    mode: Literal["slide", "whole"] = "slide"
+    crop_size: list[int] = field(default_factory=lambda: [512, 512])
+    stride: list[int] = field(default_factory=lambda: [341, 341])
+    batch_windows: int = 8
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    output_dir: str = "runs"  # the run writes to output_dir/name
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+# --------------------------------------------------------------------------------------------
+# Typed conversion
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return "null"
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin is dict:
+        return "mapping"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    if tp is Any:
+        return "any"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Convert a YAML value to ``tp`` or raise a ConfigError naming ``key``."""
+    where = f" in {source}" if source else ""
+
+    def fail() -> ConfigError:
+        return ConfigError(f"key '{key}'{where} expects {_type_name(tp)}, got {_describe(value)}")
+
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise fail()
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key, source)
+            except ConfigError as err:
+                errors.append(err)
+        if len(errors) == 1:
+            raise errors[0]
+        raise fail()
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"key '{key}'{where} expects {_type_name(tp)}, got {value!r}{hint}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise fail()
+        return from_dict(tp, value, prefix=key, source=source)
+    if origin in (list, tuple) or tp in (list, tuple):
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise fail()
+        args = typing.get_args(tp)
+        item_tp = args[0] if args else Any
+        return [_convert(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise fail()
+        args = typing.get_args(tp)
+        val_tp = args[1] if args else Any
+        return {str(k): _convert(v, val_tp, f"{key}.{k}", source) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise fail()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise fail()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise fail()
+    raise fail()
+
+
+def from_dict(cls: type, data: dict, *, prefix: str = "", source: str = "") -> Any:
+    """Build dataclass ``cls`` from a plain dict, validating every key and type."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            where = f" in {source}" if source else ""
+            hint = f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
+            valid = ", ".join(names)
+            raise ConfigError(f"unknown key '{full}'{where}{hint} (valid keys: {valid})")
+        kwargs[key] = _convert(value, hints[key], full, source)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain, YAML-serialisable dict of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# Files and overrides
+# --------------------------------------------------------------------------------------------
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in chain:
+        raise ConfigError(f"config {path} includes itself through _base_")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping at the top level, got {type(data).__name__}")
+    bases = data.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: dict = {}
+    for base in bases:
+        base_path = (path.parent / base) if not os.path.isabs(base) else Path(base)
+        merged = _deep_merge(merged, _read_yaml(base_path, chain + (path.resolve(),)))
+    return _deep_merge(merged, data)
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """``["train.lr=2e-4", "model.backbone=dinov2_l"]`` -> [(key, value)], values parsed as YAML."""
+    parsed = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.path=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override '{item}' has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key, value))
+    return parsed
+
+
+def apply_overrides(data: dict, overrides: list[tuple[str, Any]]) -> dict:
+    """Set dotted keys in a raw config dict (list items by index: ``data.test.0.root=...``)."""
+    data = _deep_copy(data)
+    for key, value in overrides:
+        node: Any = data
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                node = node[_list_index(node, part, key)]
+                continue
+            if part not in node or node[part] is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"override '{key}': '{'.'.join(parts[: depth + 1])}' is not a section")
+        last = parts[-1]
+        if isinstance(node, list):
+            node[_list_index(node, last, key)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def _list_index(node: list, part: str, key: str) -> int:
+    if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+        raise ConfigError(f"override '{key}': '{part}' is not a valid index of a list of {len(node)}")
+    return int(part)
+
+
+def _deep_copy(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _deep_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_deep_copy(v) for v in obj]
+    return obj
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load an experiment YAML (with ``_base_`` files) and apply dotted overrides.
+
+    Without a path, the defaults of :class:`ExperimentConfig` are the starting point.
+    """
+    data = _read_yaml(Path(path)) if path is not None else {}
+    source = str(path) if path is not None else ""
+    if overrides:
+        try:
+            data = apply_overrides(data, parse_overrides(overrides))
+        except ConfigError:
+            raise
+        source = f"{source} (with command-line overrides)" if source else "command-line overrides"
+    return from_dict(ExperimentConfig, data, source=source)
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> Path:
+    """Write the fully resolved config as YAML, atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
+    return path

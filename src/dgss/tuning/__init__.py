@@ -1,0 +1,45 @@
+"""Tuning methods: how a pretrained backbone adapts. One module per method, one small interface."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Callable
+
+from .base import Frozen, Full, TuningMethod
+
+__all__ = ["TuningMethod", "Frozen", "Full", "METHODS", "build_method"]
+
+
+def _frozen(cfg, backbone) -> TuningMethod:
+    return Frozen()
+
+
+def _full(cfg, backbone) -> TuningMethod:
+    return Full()
+
+
+def _lazy(module: str, factory: str) -> Callable:
+    def build(cfg, backbone):
+        return getattr(importlib.import_module(module, __name__), factory)(cfg, backbone)
+
+    return build
+
+
+# name -> factory(method_cfg, backbone) returning an unattached method.
+METHODS: dict[str, Callable] = {
+    "frozen": _frozen,
+    "full": _full,
+    "rein": _lazy(".rein", "build_rein"),
+}
+
+
+def build_method(cfg, backbone) -> TuningMethod:
+    """Build the method named ``cfg.name`` (a :class:`dgss.config.MethodConfig`) and attach it."""
+    if cfg.name not in METHODS:
+        close = difflib.get_close_matches(cfg.name, METHODS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"unknown method.name '{cfg.name}'{hint} (available: {', '.join(sorted(METHODS))})")
+    method = METHODS[cfg.name](cfg, backbone)
+    method.attach(backbone)
+    return method

@@ -1,0 +1,142 @@
+"""The small interface every tuning method implements, and optimizer-group helpers.
+
+A tuning method decides how a pretrained backbone adapts: which backbone parameters train, which new
+parameters it adds (as its own submodules), which hooks it places on the backbone's blocks, and
+whether it hands queries to the head (Rein). The segmentor and the engine only use this interface;
+they never test a method's name.
+
+    method = build_method(cfg.method, backbone)   # attaches itself to the backbone
+    groups = method.parameter_groups(lr, weight_decay)
+    queries = method.head_queries()                # M x Q or None
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["TuningMethod", "NO_DECAY_KEYWORDS", "decay_groups", "count_trainable"]
+
+# Parameter-name fragments that get no weight decay (rein.md: tokens, scale, norms, query and
+# level embeddings; plus the position/class/register embeddings of the backbone).
+NO_DECAY_KEYWORDS = (
+    "norm",
+    "learnable_tokens",
+    "scale",
+    "query_embed",
+    "query_feat",
+    "level_embed",
+    "pos_embed",
+    "cls_token",
+    "reg_token",
+    "gamma",
+    "ls1",
+    "ls2",
+)
+
+
+def decay_groups(
+    named_params: Iterable[tuple[str, nn.Parameter]],
+    lr: float,
+    weight_decay: float,
+    no_decay_keywords: tuple[str, ...] = NO_DECAY_KEYWORDS,
+) -> list[dict]:
+    """Split trainable parameters into a decayed and a non-decayed AdamW group (by name)."""
+    decay, no_decay = [], []
+    for name, param in named_params:
+        if not param.requires_grad:
+            continue
+        (no_decay if any(k in name for k in no_decay_keywords) else decay).append(param)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay})
+    if no_decay:
+        groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0})
+    return groups
+
+
+def count_trainable(params: Iterable[nn.Parameter]) -> int:
+    return sum(p.numel() for p in params if p.requires_grad)
+
+
+class TuningMethod(nn.Module):
+    """Base class. Subclasses own their new parameters as submodules and set ``name``.
+
+    Attributes:
+        backbone_requires_grad: False only when no gradient needs to flow through the backbone at all
+            (Frozen): the segmentor then runs the backbone under ``torch.no_grad()``.
+        freeze_backbone_mode: keep the pretrained backbone in eval mode during training (no dropout,
+            drop-path or BatchNorm statistics updates), as Rein and every adapter method do.
+    """
+
+    name: str = "base"
+    backbone_requires_grad: bool = True
+    freeze_backbone_mode: bool = True
+    # When head_queries() is not None: where the head's content queries come from. "querys2feat":
+    # a Linear(Q, Q) of the supplied queries (Rein); "learned": the head's own (Rein on SAM-H).
+    query_content: str = "querys2feat"
+
+    def __init__(self) -> None:
+        super().__init__()
+        # A plain list, so the backbone is not registered (and not saved) as part of the method.
+        self._backbone_ref: list = []
+
+    @property
+    def backbone(self):
+        return self._backbone_ref[0] if self._backbone_ref else None
+
+    def attach(self, backbone) -> None:
+        """Bind to ``backbone``: set requires_grad on its parameters, register hooks."""
+        self._backbone_ref[:] = [backbone]
+        for p in backbone.model.parameters():
+            p.requires_grad_(False)
+
+    def trainable_backbone_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Pretrained backbone parameters this method trains (none for adapter methods)."""
+        return ((n, p) for n, p in self.backbone.model.named_parameters() if p.requires_grad)
+
+    def parameter_groups(self, lr: float, weight_decay: float, backbone_lr_mult: float = 1.0) -> list[dict]:
+        """AdamW groups for the method's own parameters, the backbone's trainable ones and the neck."""
+        groups = decay_groups(self.named_parameters(), lr, weight_decay)
+        groups += decay_groups(self.trainable_backbone_parameters(), lr * backbone_lr_mult, weight_decay)
+        if self.backbone.neck is not None:
+            groups += decay_groups(self.backbone.neck.named_parameters(), lr, weight_decay)
+        return groups
+
+    def num_trainable_backbone_parameters(self) -> int:
+        """Trainable parameters that live in (or are added to) the backbone, as the papers count them."""
+        own = count_trainable(self.parameters())
+        backbone = sum(p.numel() for _, p in self.trainable_backbone_parameters())
+        return own + backbone
+
+    def head_queries(self) -> Optional[torch.Tensor]:
+        """Queries (M x Q) the method supplies to the head, or None for the head's own."""
+        return None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.backbone is not None and self.freeze_backbone_mode:
+            self.backbone.model.eval()
+        return self
+
+
+class Frozen(TuningMethod):
+    """The backbone is fixed and runs without gradient; only the head (and CLIP's neck) train."""
+
+    name = "frozen"
+    backbone_requires_grad = False
+
+
+class Full(TuningMethod):
+    """Every backbone parameter trains (backbone lr x ``backbone_lr_mult``, 0.1 by default, which the
+    Rein authors found necessary: at lr x 1 full fine-tuning collapses)."""
+
+    name = "full"
+    freeze_backbone_mode = False
+
+    def attach(self, backbone) -> None:
+        self._backbone_ref[:] = [backbone]
+        for p in backbone.model.parameters():
+            p.requires_grad_(True)

@@ -1,0 +1,287 @@
+"""Rein (rein.md): learnable tokens refine a frozen backbone's features after its layers, and the same
+tokens become the Mask2Former head's queries.
+
+    method = build_rein(method_cfg, backbone)   # unattached; build_method() also attaches it
+    method.attach(backbone)                     # freezes the backbone, registers one hook per layer
+    feats = backbone(images)                    # every hooked block's output is refined in place
+    queries = method.head_queries()             # M x Q, from the parameters only
+
+Two pieces:
+  * :class:`Reins` holds the parameters of one group of L layers of width C (the names match the
+    official ``backbone.reins.*`` keys, so an official checkpoint imports by stripping a prefix) and
+    implements the per-layer refinement and the token-to-query link.
+  * :class:`Rein` is the tuning method: it decides where Reins go on each backbone family
+    (:func:`rein_sites`) and connects them with forward hooks. A block's hook returns the refined
+    output, so the next block and the feature taken after that block both see the refined tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .base import TuningMethod, count_trainable
+
+__all__ = [
+    "TOKEN_INIT_PATCH_SIZE",
+    "token_init_bound",
+    "Reins",
+    "ReinSite",
+    "rein_sites",
+    "Rein",
+    "build_rein",
+    "trainable_parameter_counts",
+    "format_trainable_parameters",
+]
+
+# p in the token init formula. The official code passes the ViT patch size here; every published
+# configuration uses 16 (also for SAM and CNNs), and rein.md fixes it to 16 for every backbone.
+TOKEN_INIT_PATCH_SIZE = 16
+
+
+def token_init_bound(embed_dim: int, lora_rank: Optional[int] = None, patch_size: int = TOKEN_INIT_PATCH_SIZE) -> float:
+    """v of the token init U(-v, v): sqrt(6 / (3 p^2 + C)) plain, sqrt(6 / (3 p^2 + sqrt(C r))) LoRA."""
+    fan = embed_dim if lora_rank is None else math.sqrt(embed_dim * lora_rank)
+    return math.sqrt(6.0 / (3 * patch_size**2 + fan))
+
+
+class Reins(nn.Module):
+    """Tokens and shared MLPs for L consecutive refinement points of width C.
+
+    Parameters (official names): ``learnable_tokens`` L x M x C (plain) or ``learnable_tokens_a``
+    L x M x r and ``learnable_tokens_b`` L x r x C (LoRA); ``scale`` (scalar); ``mlp_token2feat`` and
+    ``mlp_delta_f`` Linear(C, C), shared by all L layers; ``transform`` Linear(C, Q); ``merge``
+    Linear(3Q, Q).
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        embed_dim: int,
+        *,
+        num_tokens: int = 100,
+        lora_rank: Optional[int] = 16,
+        query_dim: int = 256,
+        scale_init: float = 1e-3,
+        init_patch_size: int = TOKEN_INIT_PATCH_SIZE,
+    ) -> None:
+        super().__init__()
+        if num_tokens < 2:
+            raise ValueError(f"Rein needs at least 2 tokens (token 0 is a sink), got {num_tokens}")
+        self.num_layers = num_layers
+        self.embed_dim = embed_dim
+        self.num_tokens = num_tokens
+        self.lora_rank = lora_rank
+        self.query_dim = query_dim
+
+        bound = token_init_bound(embed_dim, lora_rank, init_patch_size)
+        if lora_rank is None:
+            self.learnable_tokens = nn.Parameter(torch.empty(num_layers, num_tokens, embed_dim))
+            nn.init.uniform_(self.learnable_tokens, -bound, bound)
+        else:
+            self.learnable_tokens_a = nn.Parameter(torch.empty(num_layers, num_tokens, lora_rank))
+            self.learnable_tokens_b = nn.Parameter(torch.empty(num_layers, lora_rank, embed_dim))
+            nn.init.uniform_(self.learnable_tokens_a, -bound, bound)
+            nn.init.uniform_(self.learnable_tokens_b, -bound, bound)
+        self.scale = nn.Parameter(torch.tensor(float(scale_init)))
+        self.mlp_token2feat = nn.Linear(embed_dim, embed_dim)
+        self.mlp_delta_f = nn.Linear(embed_dim, embed_dim)
+        # nn.Linear already draws its weight this way; done explicitly because rein.md specifies it.
+        nn.init.kaiming_uniform_(self.mlp_token2feat.weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.mlp_delta_f.weight, a=math.sqrt(5))
+        self.transform = nn.Linear(embed_dim, query_dim)
+        self.merge = nn.Linear(3 * query_dim, query_dim)
+
+    def extra_repr(self) -> str:
+        rank = "plain" if self.lora_rank is None else f"lora_rank={self.lora_rank}"
+        return f"layers={self.num_layers}, tokens={self.num_tokens}, dim={self.embed_dim}, {rank}, query_dim={self.query_dim}"
+
+    def tokens(self, layer: Optional[int] = None) -> torch.Tensor:
+        """T_l = A_l B_l (M x C) for one layer, or all layers stacked (L x M x C) when ``layer`` is None."""
+        if self.lora_rank is None:
+            return self.learnable_tokens if layer is None else self.learnable_tokens[layer]
+        if layer is None:
+            return self.learnable_tokens_a @ self.learnable_tokens_b
+        return self.learnable_tokens_a[layer] @ self.learnable_tokens_b[layer]
+
+    def refine(self, feats: torch.Tensor, layer: int) -> torch.Tensor:
+        """f' = f + scale * mlp_delta_f(delta_bar + f) for the patch tokens f (B x N x C) after ``layer``."""
+        tokens = self.tokens(layer)  # M x C
+        attention = torch.softmax(feats @ tokens.t() * self.embed_dim**-0.5, dim=-1)  # B x N x M
+        # Token 0 stays in the softmax denominator but gets no value: a sink that lets a patch take
+        # less than a full unit of refinement.
+        delta_bar = attention[..., 1:] @ self.mlp_token2feat(tokens[1:])  # B x N x C
+        delta = self.mlp_delta_f(delta_bar + feats)
+        return feats + self.scale * delta
+
+    def queries(self) -> torch.Tensor:
+        """The token-to-query link: M x Q, from the parameters only (all M tokens, token 0 included)."""
+        per_layer = self.transform(self.tokens()).permute(1, 2, 0)  # L x M x Q -> M x Q x L
+        pooled = torch.stack([per_layer.amax(-1), per_layer.mean(-1), per_layer[..., -1]], dim=-1)  # M x Q x 3
+        # Flattening M x Q x 3 interleaves per channel: [q0_max, q0_mean, q0_last, q1_max, ...],
+        # the order the official ``merge.weight`` was trained with.
+        return self.merge(pooled.flatten(1))
+
+
+@dataclass(frozen=True)
+class ReinSite:
+    """One Reins module's place on a backbone: the blocks it follows and their output width."""
+
+    block_indices: tuple[int, ...]  # indices into ``backbone.blocks``, in execution order
+    channels: int
+
+
+def rein_sites(backbone) -> list[ReinSite]:
+    """Where Rein goes (rein.md's table): one site for a ViT (every block; SAM: only the global
+    attention blocks), one site per stage for a CNN (every sub-block of the stage)."""
+    if backbone.family == "cnn":
+        channels = _cnn_stage_channels(backbone)
+        stages = sorted(set(backbone.block_stage))
+        return [
+            ReinSite(tuple(i for i, s in enumerate(backbone.block_stage) if s == stage), channels[stage])
+            for stage in stages
+        ]
+    if backbone.family == "sam":
+        if not backbone.global_attn_indexes:
+            raise ValueError(f"backbone '{backbone.name}' has no global-attention blocks to attach Rein to")
+        return [ReinSite(tuple(backbone.global_attn_indexes), backbone.embed_dim)]
+    return [ReinSite(tuple(range(len(backbone.blocks))), backbone.embed_dim)]
+
+
+def _cnn_stage_channels(backbone) -> list[int]:
+    """Output channels of each stage (= of each of its sub-blocks), from timm's feature_info."""
+    by_module = {info["module"]: info["num_chs"] for info in backbone.model.feature_info}
+    names = [f"stages.{i}" for i in range(4)] if "stages.0" in by_module else [f"layer{i}" for i in range(1, 5)]
+    return [by_module[name] for name in names]
+
+
+class Rein(TuningMethod):
+    """The Rein tuning method: a frozen backbone (kept in eval mode), Reins after its layers, and the
+    tokens as the head's queries.
+
+    ``reins`` is one :class:`Reins` for ViTs (state-dict keys ``reins.scale``, ...) and an
+    ``nn.ModuleList`` with one :class:`Reins` per stage for CNNs (``reins.0.scale``, ...), whose
+    queries are summed.
+    """
+
+    name = "rein"
+
+    def __init__(
+        self,
+        backbone,
+        *,
+        num_tokens: int = 100,
+        lora_rank: Optional[int] = 16,
+        query_dim: int = 256,
+        scale_init: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        self.sites = rein_sites(backbone)
+        self.token_layout = backbone.token_layout
+        self.num_prefix_tokens = backbone.num_prefix_tokens
+        groups = [
+            Reins(
+                len(site.block_indices),
+                site.channels,
+                num_tokens=num_tokens,
+                lora_rank=lora_rank,
+                query_dim=query_dim,
+                scale_init=scale_init,
+            )
+            for site in self.sites
+        ]
+        self.reins = nn.ModuleList(groups) if backbone.family == "cnn" else groups[0]
+        # rein.md: SAM keeps the head's learned content queries; elsewhere they are querys2feat(queries).
+        self.query_content = "learned" if backbone.family == "sam" else "querys2feat"
+        self._hook_handles: list = []
+
+    @property
+    def reins_groups(self) -> list[Reins]:
+        """The Reins modules, one per site."""
+        return list(self.reins) if isinstance(self.reins, nn.ModuleList) else [self.reins]
+
+    def attach(self, backbone) -> None:
+        """Freeze ``backbone`` and hook a refinement after every block of every site."""
+        if rein_sites(backbone) != self.sites or backbone.token_layout != self.token_layout:
+            raise ValueError(f"this Rein was built for another backbone layout than '{backbone.name}'")
+        super().attach(backbone)
+        self.detach_hooks()
+        for group, site in enumerate(self.sites):
+            for layer, block_index in enumerate(site.block_indices):
+                hook = functools.partial(self._refine_block_output, group, layer)
+                self._hook_handles.append(backbone.blocks[block_index].register_forward_hook(hook))
+
+    def detach_hooks(self) -> None:
+        """Remove the hooks: the backbone runs unrefined again."""
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles.clear()
+
+    def _refine_block_output(self, group: int, layer: int, module, inputs, output: torch.Tensor) -> torch.Tensor:
+        # A pure function of its inputs and the parameters: activation checkpointing may re-run it.
+        refine = functools.partial(self.reins_groups[group].refine, layer=layer)
+        return refine_in_layout(refine, output, self.token_layout, self.num_prefix_tokens)
+
+    def head_queries(self) -> torch.Tensor:
+        """M x Q queries for the head. Input-independent; the segmentor calls this once per forward.
+        CNNs: the sum of the stages' queries."""
+        queries = [group.queries() for group in self.reins_groups]
+        return queries[0] if len(queries) == 1 else torch.stack(queries).sum(0)
+
+
+def refine_in_layout(refine, x: torch.Tensor, layout: str, num_prefix_tokens: int = 0) -> torch.Tensor:
+    """Apply ``refine`` (B x N x C -> B x N x C) to the patch tokens of a block output.
+
+    "nlc": B x N x C, the leading class/register tokens bypass; "nhwc" (SAM): B x H x W x C;
+    "nchw" (CNN): B x C x H x W. The result has the input's layout.
+    """
+    if layout == "nlc":
+        prefix, patches = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
+        return torch.cat([prefix, refine(patches)], dim=1)
+    if layout == "nhwc":
+        b, h, w, c = x.shape
+        return refine(x.reshape(b, h * w, c)).reshape(b, h, w, c)
+    if layout == "nchw":
+        b, c, h, w = x.shape
+        return refine(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, c, h, w)
+    raise ValueError(f"unknown token layout {layout!r}")
+
+
+def build_rein(cfg, backbone) -> Rein:
+    """``METHODS["rein"]``: a Rein sized for ``backbone`` from ``cfg.rein`` (a :class:`ReinConfig`)."""
+    rein_cfg = cfg.rein
+    if rein_cfg.link != "max_mean_last":
+        raise ValueError(f"method.rein.link must be 'max_mean_last', got {rein_cfg.link!r}")
+    return Rein(
+        backbone,
+        num_tokens=rein_cfg.num_tokens,
+        lora_rank=rein_cfg.lora_rank,
+        query_dim=rein_cfg.query_dim,
+        scale_init=rein_cfg.scale_init,
+    )
+
+
+def trainable_parameter_counts(method: TuningMethod, head: Optional[nn.Module] = None) -> dict[str, int]:
+    """Trainable parameters by part: the method's own (e.g. Rein's 2,990,081 on DINOv2-L), trained
+    pretrained backbone parameters, the backbone's neck (CLIP pyramid), the head, and the total."""
+    backbone = method.backbone
+    counts = {
+        "method": count_trainable(method.parameters()),
+        "backbone": sum(p.numel() for _, p in method.trainable_backbone_parameters()),
+        "neck": count_trainable(backbone.neck.parameters()) if backbone.neck is not None else 0,
+        "head": count_trainable(head.parameters()) if head is not None else 0,
+    }
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def format_trainable_parameters(method: TuningMethod, head: Optional[nn.Module] = None) -> str:
+    """One line for the training log, e.g. ``trainable parameters: 23,456,789 (rein 2,990,081, ...)``."""
+    counts = trainable_parameter_counts(method, head)
+    parts = [f"{method.name if name == 'method' else name} {n:,}" for name, n in counts.items() if name != "total"]
+    return f"trainable parameters: {counts['total']:,} ({', '.join(parts)})"
