@@ -20,6 +20,10 @@ def tiny_overrides(name: str) -> dict:
     return dict(TINY_VIT)
 
 
+# pytest-xdist runs one worker per core: more intra-op threads per worker only oversubscribe the CPU.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

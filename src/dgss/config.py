@@ -62,7 +62,9 @@ class HeadConfig:
     type: str = "mask2former"  # "mask2former" | "fpn" (light per-pixel CE head)
     num_classes: int = 19
     num_queries: int = 100
-    hidden_dim: int = 256
+    hidden_dim: int = 256  # also the light head's width
+    # feature levels the pixel decoder's encoder sees (strides 32/16/8) and the decoder layers cycle
+    num_feature_levels: int = 3
     # pixel decoder (multi-scale deformable attention encoder)
     pixel_decoder_layers: int = 6
     pixel_decoder_ffn_dim: int = 1024
@@ -153,14 +155,28 @@ class DatasetConfig:
 
     type: str = "cityscapes"  # gtav | synthia | cityscapes | bdd100k | mapillary | acdc | urbansyn | folder | synthetic
     root: str = ""
-    split: str = "val"
-    name: Optional[str] = None  # display name in tables; default: type (+ condition)
-    condition: Optional[str] = None  # ACDC: fog | night | rain | snow
-    list_file: Optional[str] = None  # restrict to the images listed (one stem per line)
-    first_n: Optional[int] = None  # restrict to the first N images (sorted)
-    fraction: Optional[float] = None  # deterministic fraction (e.g. 1/16 of Cityscapes)
+    split: str = "val"  # not used by layouts without split folders (gtav, synthia, urbansyn, folder)
+    name: Optional[str] = None  # display name in tables; default: type (+ condition, corruption)
+    condition: Optional[str] = None  # ACDC: fog | night | rain | snow (None: all four)
+    # restrict to the images listed, one per line: file stem, or path relative to the root
+    # (with or without extension); relative list paths are resolved against the root
+    list_file: Optional[str] = None
+    first_n: Optional[int] = None  # restrict to the first N images (sorted, or in list_file order)
+    # deterministic random fraction (e.g. 0.0625 = 1/16 of Cityscapes), after list_file/first_n;
+    # training writes the chosen list next to the run and reuses it when it exists
+    fraction: Optional[float] = None
+    fraction_seed: int = 0  # seed of that draw
     resize: Optional[list[int]] = None  # evaluation resize-to-fit (W, H), e.g. [1024, 512]
-    options: dict[str, Any] = field(default_factory=dict)  # layout-specific options
+    with_labels: bool = True  # false: images only (e.g. ACDC test for prediction), samples have no label
+    # an unreadable/truncated file or an image/label size mismatch: stop, or skip it with a warning
+    on_bad_sample: Literal["error", "skip"] = "error"
+    # label values outside the dataset's mapping: stop, or map them to 255 with a warning
+    on_unknown_label: Literal["error", "ignore"] = "error"
+    # Cityscapes-C style corruption applied at evaluation (dgss.data.corruptions.CORRUPTIONS, needs the
+    # optional imagecorruptions package) and its severity 1..5 (required with a corruption)
+    corruption: Optional[str] = None
+    severity: Optional[int] = None
+    options: dict[str, Any] = field(default_factory=dict)  # layout-specific options (dgss.data docs)
 
 
 @dataclass
@@ -168,12 +184,16 @@ class DataConfig:
     train: list[DatasetConfig] = field(default_factory=list)
     val: list[DatasetConfig] = field(default_factory=list)  # source-domain model selection
     test: list[DatasetConfig] = field(default_factory=list)  # target domains
-    sampling: Literal["proportional", "uniform"] = "proportional"  # multi-source training
-    crop_size: list[int] = field(default_factory=lambda: [512, 512])
-    scales: list[int] = field(default_factory=lambda: [256 + round(i * 768 / 15) for i in range(16)])
+    # multi-source training: draw sources in proportion to their sizes, or each equally often
+    sampling: Literal["proportional", "uniform"] = "proportional"
+    crop_size: list[int] = field(default_factory=lambda: [512, 512])  # (h, w)
+    # random short side: int(512 * x / 10) for x = 5..20, i.e. 256, 307, ..., 1024 (the reference list)
+    scales: list[int] = field(default_factory=lambda: [int(512 * x * 0.1) for x in range(5, 21)])
     max_long_side: int = 2048
     cat_max_ratio: float = 0.75
-    num_workers: int = 4
+    flip_prob: float = 0.5
+    photometric_distortion: bool = True  # brightness +-32, contrast/saturation 0.5-1.5, hue +-18
+    num_workers: int = 4  # DataLoader workers per process (training and evaluation)
     mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
     std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
 

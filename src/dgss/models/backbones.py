@@ -161,9 +161,12 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """B x 3 x H x W -> 4 maps at strides 4/8/16/32 (B x C_i x H/s x W/s)."""
-        feats = self.model.forward_intermediates(
-            x, indices=list(self.out_indices), norm=False, stop_early=True, intermediates_only=True
+        # timm takes each index once; a very shallow (test) model may repeat one, so map back.
+        unique = sorted(set(self.out_indices))
+        taken = self.model.forward_intermediates(
+            x, indices=unique, norm=False, stop_early=True, intermediates_only=True
         )
+        feats = [taken[unique.index(i)] for i in self.out_indices]
         if self.family == "cnn":
             return list(feats)
         if self.neck is not None:
@@ -252,7 +255,8 @@ def _default_indices(spec: BackboneSpec, model: nn.Module) -> tuple[int, ...]:
     full_depth = spec.out_indices[-1] + 1
     if depth == full_depth:
         return spec.out_indices
-    scaled = [max(0, round((i + 1) * depth / full_depth) - 1) for i in spec.out_indices]
-    for k in range(1, 4):  # keep them strictly increasing on very shallow models
-        scaled[k] = max(scaled[k], scaled[k - 1] + 1) if scaled[k - 1] + 1 < depth else scaled[k]
-    return tuple(min(i, depth - 1) for i in scaled)
+    # the same relative positions, non-decreasing (a model shallower than 4 blocks repeats one)
+    scaled = [min(depth - 1, max(0, round((i + 1) * depth / full_depth) - 1)) for i in spec.out_indices]
+    for k in range(1, 4):
+        scaled[k] = min(depth - 1, max(scaled[k], scaled[k - 1] + 1))
+    return tuple(scaled)

@@ -34,6 +34,7 @@ __all__ = [
     "ReinSite",
     "rein_sites",
     "Rein",
+    "refine_in_layout",
     "build_rein",
     "trainable_parameter_counts",
     "format_trainable_parameters",
@@ -44,7 +45,9 @@ __all__ = [
 TOKEN_INIT_PATCH_SIZE = 16
 
 
-def token_init_bound(embed_dim: int, lora_rank: Optional[int] = None, patch_size: int = TOKEN_INIT_PATCH_SIZE) -> float:
+def token_init_bound(
+    embed_dim: int, lora_rank: Optional[int] = None, patch_size: int = TOKEN_INIT_PATCH_SIZE
+) -> float:
     """v of the token init U(-v, v): sqrt(6 / (3 p^2 + C)) plain, sqrt(6 / (3 p^2 + sqrt(C r))) LoRA."""
     fan = embed_dim if lora_rank is None else math.sqrt(embed_dim * lora_rank)
     return math.sqrt(6.0 / (3 * patch_size**2 + fan))
@@ -99,7 +102,10 @@ class Reins(nn.Module):
 
     def extra_repr(self) -> str:
         rank = "plain" if self.lora_rank is None else f"lora_rank={self.lora_rank}"
-        return f"layers={self.num_layers}, tokens={self.num_tokens}, dim={self.embed_dim}, {rank}, query_dim={self.query_dim}"
+        return (
+            f"layers={self.num_layers}, tokens={self.num_tokens}, dim={self.embed_dim}, {rank}, "
+            f"query_dim={self.query_dim}"
+        )
 
     def tokens(self, layer: Optional[int] = None) -> torch.Tensor:
         """T_l = A_l B_l (M x C) for one layer, or all layers stacked (L x M x C) when ``layer`` is None."""
@@ -180,6 +186,14 @@ class Rein(TuningMethod):
         query_dim: int = 256,
         scale_init: float = 1e-3,
     ) -> None:
+        """Size the Reins for ``backbone`` (L, C per site); :meth:`attach` then hooks them in.
+
+        Args:
+            num_tokens: M, the number of tokens and of head queries.
+            lora_rank: r of the LoRA tokens; None for plain L x M x C tokens.
+            query_dim: Q, the head's query width.
+            scale_init: initial value of the learnable ``scale``.
+        """
         super().__init__()
         self.sites = rein_sites(backbone)
         self.token_layout = backbone.token_layout

@@ -1,0 +1,96 @@
+"""Decode heads and their factory.
+
+Every head has the same small surface, which is all the segmentor uses:
+
+    outputs = head(features, queries)          # features: 4 maps at strides 4/8/16/32
+    losses = head.loss(outputs, labels, ignore_index=255)         # dict of weighted loss terms
+    scores = head.segmentation_scores(outputs, (H, W))            # B x K x H x W
+    head.accepts_queries                                          # takes a tuning method's queries
+
+* ``"mask2former"``: :class:`dgss.models.mask2former.Mask2FormerHead`, the head of the papers.
+* ``"fpn"``: :class:`FPNHead`, a light per-pixel head for quick experiments and CPU demos.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import HeadConfig
+from .mask2former.layers import ConvGN
+
+__all__ = ["FPNHead", "HEADS", "build_head"]
+
+
+class FPNHead(nn.Module):
+    """A small FPN with a per-pixel classifier, trained with cross-entropy.
+
+    Each input map gets a 1 x 1 lateral conv to ``hidden_dim`` channels; a top-down pass adds every
+    coarser level (upsampled) to the next finer one; each level goes through 3 x 3 conv + GN + ReLU,
+    is upsampled to stride 4, and the sum feeds a 1 x 1 classifier. Output: B x K x H/4 x W/4 logits.
+    """
+
+    accepts_queries = False
+
+    def __init__(self, in_channels: Sequence[int], cfg: Optional[HeadConfig] = None):
+        super().__init__()
+        cfg = cfg if cfg is not None else HeadConfig(type="fpn")
+        dim = cfg.hidden_dim
+        self.num_classes = cfg.num_classes
+        self.lateral_convs = nn.ModuleList(nn.Conv2d(c, dim, 1) for c in in_channels)
+        self.output_convs = nn.ModuleList(ConvGN(dim, dim, 3, bias=False, relu=True) for _ in in_channels)
+        self.classifier = nn.Conv2d(dim, cfg.num_classes, 1)
+
+    def forward(self, features: Sequence[torch.Tensor], queries: Optional[torch.Tensor] = None) -> dict:
+        """features: maps B x C_i x H_i x W_i, finest first -> {"logits": B x K x H_0 x W_0}."""
+        laterals = [conv(f) for conv, f in zip(self.lateral_convs, features)]
+        for i in range(len(laterals) - 1, 0, -1):  # top-down: coarse into fine
+            laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[-2:],
+                                                              mode="bilinear", align_corners=False)
+        size = laterals[0].shape[-2:]
+        fused = sum(F.interpolate(conv(x), size=size, mode="bilinear", align_corners=False) if i else conv(x)
+                    for i, (conv, x) in enumerate(zip(self.output_convs, laterals)))
+        return {"logits": self.classifier(fused)}
+
+    def loss(self, outputs: dict, labels: torch.Tensor, ignore_index: int = 255) -> dict[str, torch.Tensor]:
+        """Per-pixel cross-entropy at the label resolution (logits upsampled bilinearly)."""
+        logits = F.interpolate(outputs["logits"], size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        labels = labels.long()
+        keep = (labels >= 0) & (labels < self.num_classes) & (labels != ignore_index)
+        labels = torch.where(keep, labels, -100)
+        # Sum / count instead of a mean: no nan (and no host sync) when nothing is labelled.
+        total = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+        return {"loss_ce": total / keep.sum().clamp(min=1)}
+
+    def segmentation_scores(self, outputs: dict, size: Sequence[int]) -> torch.Tensor:
+        """B x K x H x W class probabilities (softmax of the upsampled logits)."""
+        logits = F.interpolate(outputs["logits"].float(), size=tuple(size), mode="bilinear", align_corners=False)
+        return logits.softmax(1)
+
+
+def _mask2former(in_channels, cfg, external_queries, query_content):
+    from .mask2former import Mask2FormerHead
+
+    return Mask2FormerHead(in_channels, cfg, external_queries=external_queries, query_content=query_content)
+
+
+def _fpn(in_channels, cfg, external_queries, query_content):
+    return FPNHead(in_channels, cfg)
+
+
+HEADS = {"mask2former": _mask2former, "fpn": _fpn}
+
+
+def build_head(cfg: HeadConfig, in_channels: Sequence[int], *, external_queries: bool = False,
+               query_content: str = "querys2feat") -> nn.Module:
+    """Build the head named ``cfg.type`` for input maps of ``in_channels`` channels."""
+    if cfg.type not in HEADS:
+        import difflib
+
+        close = difflib.get_close_matches(cfg.type, HEADS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"unknown model.head.type '{cfg.type}'{hint} (available: {', '.join(sorted(HEADS))})")
+    return HEADS[cfg.type](list(in_channels), cfg, external_queries, query_content)

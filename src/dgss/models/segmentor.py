@@ -1,0 +1,188 @@
+"""The segmentor: backbone + tuning method + decode head; training loss and inference.
+
+    model = build_segmentor(cfg)                      # from an ExperimentConfig
+    losses = model.loss(images, labels)               # {"loss": total, "loss_cls": ..., ...}
+    losses = ddp_model(images, labels)                # the same, through DistributedDataParallel
+    scores = model.inference(images, out_size=(H, W)) # B x K x H x W, slide or whole (cfg.eval)
+    pred = scores.argmax(1)
+
+Images are normalised B x 3 x H x W tensors, labels B x H x W class indices (255 ignored). The
+segmentor never tests a method's or a head's name: it asks the method for queries
+(``head_queries()``) and whether the backbone needs gradients, and the head for its loss and scores.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import EvalConfig, ExperimentConfig
+from ..tuning import build_method
+from ..tuning.base import TuningMethod, decay_groups
+from .backbones import Backbone, build_backbone
+from .heads import build_head
+
+__all__ = ["Segmentor", "build_segmentor", "sliding_windows"]
+
+
+def sliding_windows(height: int, width: int, crop: Sequence[int],
+                    stride: Sequence[int]) -> list[tuple[int, int, int, int]]:
+    """Window boxes (y1, y2, x1, x2) covering an H x W image, placed as mmseg does: a grid of
+    ceil((size - crop) / stride) + 1 windows per axis, the last shifted back to end at the border, and
+    windows clipped to the image when it is smaller than the crop (so all windows have one size)."""
+    crop_h, crop_w = crop
+    stride_h, stride_w = stride
+    rows = max(height - crop_h + stride_h - 1, 0) // stride_h + 1
+    cols = max(width - crop_w + stride_w - 1, 0) // stride_w + 1
+    boxes = []
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * stride_h + crop_h, height), min(c * stride_w + crop_w, width)
+            boxes.append((max(y2 - crop_h, 0), y2, max(x2 - crop_w, 0), x2))
+    return boxes
+
+
+class Segmentor(nn.Module):
+    """Backbone, tuning method (attached to the backbone) and head.
+
+    Args:
+        backbone: a :class:`~dgss.models.backbones.Backbone`.
+        method: the :class:`~dgss.tuning.base.TuningMethod` attached to it.
+        head: a decode head (see :mod:`dgss.models.heads`).
+        num_classes: K (must equal the head's).
+        ignore_index: label value that is not supervised.
+        eval_cfg: inference mode, window and stride (crop and stride as (h, w)).
+    """
+
+    def __init__(self, backbone: Backbone, method: TuningMethod, head: nn.Module, *, num_classes: int,
+                 ignore_index: int = 255, eval_cfg: Optional[EvalConfig] = None):
+        super().__init__()
+        self.backbone = backbone
+        self.method = method
+        self.head = head
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.eval_cfg = eval_cfg if eval_cfg is not None else EvalConfig()
+        head_classes = getattr(head, "num_classes", num_classes)
+        if head_classes != num_classes:
+            raise ValueError(f"the head predicts {head_classes} classes, the segmentor expects {num_classes}")
+        with torch.no_grad():
+            supplies = method.head_queries() is not None
+        takes = bool(getattr(head, "external_queries", False))
+        if takes and not supplies:
+            raise ValueError(f"the head expects external queries but method '{method.name}' supplies none")
+        if supplies and getattr(head, "accepts_queries", False) and not takes:
+            raise ValueError(f"method '{method.name}' supplies queries: build the head with external_queries=True")
+
+    def train(self, mode: bool = True) -> "Segmentor":
+        super().train(mode)
+        self.method.train(mode)  # last, so that a frozen backbone stays in eval mode
+        return self
+
+    # ------------------------------------------------------------------ forward and loss
+
+    def forward_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """B x 3 x H x W -> the backbone's 4 maps (strides 4/8/16/32), after the method's changes."""
+        if not self.method.backbone_requires_grad and self.backbone.neck is None:
+            with torch.no_grad():  # nothing before the head trains: keep no activations
+                return self.backbone(images)
+        return self.backbone(images)
+
+    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> dict:
+        """The head's raw outputs for a batch of images, or with ``labels`` the training losses (the
+        form to call through ``DistributedDataParallel``: ``ddp_model(images, labels)``)."""
+        features = self.forward_features(images)
+        queries = self.method.head_queries() if getattr(self.head, "accepts_queries", False) else None
+        outputs = self.head(features, queries)
+        if labels is None:
+            return outputs
+        losses = self.head.loss(outputs, labels, ignore_index=self.ignore_index)
+        return {"loss": sum(losses.values()), **losses}
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training losses of a batch: the head's weighted terms and their sum under "loss"."""
+        return self(images, labels)
+
+    def parameter_groups(self, lr: float, weight_decay: float, backbone_lr_mult: float = 1.0) -> list[dict]:
+        """AdamW groups: the method's (method, trainable backbone, neck) and the head's."""
+        groups = self.method.parameter_groups(lr, weight_decay, backbone_lr_mult)
+        return groups + decay_groups(self.head.named_parameters(), lr, weight_decay)
+
+    # ------------------------------------------------------------------ inference
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """B x 3 x H x W -> B x K x H x W class scores (for Mask2Former sum_q p_q,c * sigmoid(m_q),
+        with the mask logits upsampled to H x W first)."""
+        return self.head.segmentation_scores(self(images), images.shape[-2:]).float()
+
+    @torch.no_grad()
+    def whole_inference(self, images: torch.Tensor) -> torch.Tensor:
+        """Scores of the whole image in one pass: B x K x H x W."""
+        return self.predict(images)
+
+    @torch.no_grad()
+    def slide_inference(self, images: torch.Tensor, crop: Optional[Sequence[int]] = None,
+                        stride: Optional[Sequence[int]] = None, batch_windows: Optional[int] = None) -> torch.Tensor:
+        """Scores from overlapping windows, averaged where they overlap: B x K x H x W.
+
+        Args:
+            crop, stride: (h, w) window size and step; default ``eval_cfg`` (512 / 341).
+            batch_windows: windows (of all images) per forward pass; default ``eval_cfg``.
+        """
+        crop = tuple(crop if crop is not None else self.eval_cfg.crop_size)
+        stride = tuple(stride if stride is not None else self.eval_cfg.stride)
+        batch_windows = batch_windows or self.eval_cfg.batch_windows
+        batch, _, height, width = images.shape
+        boxes = sliding_windows(height, width, crop, stride)
+        scores = images.new_zeros(batch, self.num_classes, height, width, dtype=torch.float32)
+        count = images.new_zeros(1, 1, height, width, dtype=torch.float32)
+        for y1, y2, x1, x2 in boxes:
+            count[..., y1:y2, x1:x2] += 1
+        jobs = [(b, box) for b in range(batch) for box in boxes]
+        for start in range(0, len(jobs), batch_windows):
+            chunk = jobs[start:start + batch_windows]
+            windows = torch.stack([images[b, :, y1:y2, x1:x2] for b, (y1, y2, x1, x2) in chunk])
+            for window_scores, (b, (y1, y2, x1, x2)) in zip(self.predict(windows), chunk):
+                scores[b, :, y1:y2, x1:x2] += window_scores
+        return scores / count
+
+    @torch.no_grad()
+    def inference(self, images: torch.Tensor, out_size: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Scores in ``eval_cfg.mode`` ("slide" or "whole"), bilinearly resized to ``out_size`` (the
+        label resolution, (H, W)) so that the caller's argmax is taken there: B x K x H x W."""
+        if self.eval_cfg.mode == "slide":
+            scores = self.slide_inference(images)
+        elif self.eval_cfg.mode == "whole":
+            scores = self.whole_inference(images)
+        else:
+            raise ValueError(f"unknown eval mode '{self.eval_cfg.mode}' (slide | whole)")
+        if out_size is not None and tuple(out_size) != tuple(scores.shape[-2:]):
+            scores = F.interpolate(scores, size=tuple(out_size), mode="bilinear", align_corners=False)
+        return scores
+
+    @torch.no_grad()
+    def segment(self, images: torch.Tensor, out_size: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Predicted class per pixel: B x H x W (argmax of :meth:`inference`)."""
+        return self.inference(images, out_size).argmax(1)
+
+
+def build_segmentor(cfg: ExperimentConfig) -> Segmentor:
+    """Backbone (``cfg.model``), tuning method (``cfg.method``) and head (``cfg.model.head``)."""
+    model = cfg.model
+    backbone = build_backbone(model.backbone, weights=model.weights, img_size=model.img_size,
+                              patch_size=model.patch_size, out_indices=model.out_indices,
+                              drop_path_rate=model.drop_path_rate, patch_resize=model.patch_resize,
+                              **model.backbone_kwargs)
+    method = build_method(cfg.method, backbone)
+    with torch.no_grad():
+        supplies_queries = method.head_queries() is not None
+    head = build_head(model.head, backbone.channels, external_queries=supplies_queries,
+                      query_content=method.query_content)
+    if supplies_queries and not getattr(head, "accepts_queries", False):
+        warnings.warn(f"method '{method.name}' supplies head queries but the '{model.head.type}' head does not "
+                      "use them; the method's query parameters will get no gradient", stacklevel=2)
+    return Segmentor(backbone, method, head, num_classes=model.head.num_classes, eval_cfg=cfg.eval)
