@@ -20,15 +20,6 @@ TINY_HEAD = dict(num_classes=5, num_queries=6, hidden_dim=32, pixel_decoder_laye
                  num_heads=4, num_points=2, decoder_layers=9, decoder_ffn_dim=64, num_points_loss=64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the suite runs one pytest-xdist worker per core, and oversubscribed
-    OpenMP threads make these small models many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_features(batch, height, width, channels=(8, 12, 16, 20)):
     return [torch.randn(batch, c, height // s, width // s) for c, s in zip(channels, (4, 8, 16, 32))]

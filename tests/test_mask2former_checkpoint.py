@@ -15,15 +15,6 @@ from dgss.models.mask2former import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the suite runs one pytest-xdist worker per core, and oversubscribed
-    OpenMP threads make these small models many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def official_rein_head_keys() -> dict[str, tuple]:
     """``decode_head.*`` tensors of an official Rein DINOv2-L checkpoint with their shapes: mmseg

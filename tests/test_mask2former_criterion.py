@@ -20,15 +20,6 @@ from dgss.models.mask2former.point_sample import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the suite runs one pytest-xdist worker per core, and oversubscribed
-    OpenMP threads make these small models many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def grid_sample_points(maps, coords):
     """N x C x H x W maps at N x P x 2 points in [0, 1] -> N x C x P, with grid_sample as the oracle."""

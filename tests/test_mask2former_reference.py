@@ -1,7 +1,6 @@
 """The pixel decoder and the decoder layers against step-by-step references built from torch's own
 attention and the loop-based deformable attention of test_mask2former."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,15 +10,6 @@ from dgss.models.mask2former import Mask2FormerHead, MSDeformAttnPixelDecoder, s
 from dgss.models.mask2former.transformer_decoder import AttentionWithPosition, MaskedDecoderLayer
 from test_mask2former import reference_deformable_attention
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the suite runs one pytest-xdist worker per core, and oversubscribed
-    OpenMP threads make these small models many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def randomize(module):

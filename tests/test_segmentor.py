@@ -27,15 +27,6 @@ TINY_MODEL = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the suite runs one pytest-xdist worker per core, and oversubscribed
-    OpenMP threads make these small models many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_config(*extra):
     return load_config(overrides=TINY_MODEL + list(extra))
@@ -232,3 +223,15 @@ def test_mask2former_scores_are_class_probabilities_times_upsampled_mask_probabi
     masks = F.interpolate(out["pred_masks"], size=(64, 64), mode="bilinear", align_corners=False)[0].sigmoid()
     expected = (probs[:, :, None, None] * masks[:, None]).sum(0)
     torch.testing.assert_close(scores[0], expected)
+
+
+def test_rein_queries_must_fit_the_head_is_a_config_error():
+    from dgss.config import ConfigError, load_config
+    from dgss.models.segmentor import build_segmentor
+
+    cfg = load_config(None, ["model.backbone=dinov2_s", "model.img_size=64",
+                             "model.backbone_kwargs={depth: 4, embed_dim: 32, num_heads: 2}",
+                             "method.name=rein", "method.rein.num_tokens=10", "model.head.num_queries=12",
+                             "method.rein.query_dim=32", "model.head.hidden_dim=32"])
+    with pytest.raises(ConfigError, match=r"supplies 10 x 32 queries.*12 x 32.*method.rein.num_tokens"):
+        build_segmentor(cfg)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import EvalConfig, ExperimentConfig
+from ..config import ConfigError, EvalConfig, ExperimentConfig
 from ..tuning import build_method
 from ..tuning.base import TuningMethod, decay_groups
 from .backbones import Backbone, build_backbone
@@ -179,7 +179,14 @@ def build_segmentor(cfg: ExperimentConfig) -> Segmentor:
                               **model.backbone_kwargs)
     method = build_method(cfg.method, backbone)
     with torch.no_grad():
-        supplies_queries = method.head_queries() is not None
+        queries = method.head_queries()
+    supplies_queries = queries is not None
+    expected = (model.head.num_queries, model.head.hidden_dim)
+    if supplies_queries and model.head.type == "mask2former" and tuple(queries.shape) != expected:
+        raise ConfigError(
+            f"method '{method.name}' supplies {queries.shape[0]} x {queries.shape[1]} queries but the head expects "
+            f"model.head.num_queries x model.head.hidden_dim = {expected[0]} x {expected[1]}: make them equal "
+            f"(for Rein: method.rein.num_tokens and method.rein.query_dim)")
     head = build_head(model.head, backbone.channels, external_queries=supplies_queries,
                       query_content=method.query_content)
     if supplies_queries and not getattr(head, "accepts_queries", False):

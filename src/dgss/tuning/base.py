@@ -111,6 +111,15 @@ class TuningMethod(nn.Module):
         backbone = sum(p.numel() for _, p in self.trainable_backbone_parameters())
         return own + backbone
 
+    def on_train_iteration(self, iteration: int, trainer) -> None:
+        """Called by the training engine before every iteration (0-based), also after a resume.
+
+        Methods with stages (FisherTune: head warm-up, estimation, sparse tuning) act here; they may
+        use ``trainer.model`` (the unwrapped Segmentor), ``trainer.next_batch()`` (source batches),
+        ``trainer.cfg`` and ``trainer.total_iters``. Whatever they decide must live in their state dict
+        (parameters or buffers) so that a resumed run continues exactly.
+        """
+
     def head_queries(self) -> Optional[torch.Tensor]:
         """Queries (M x Q) the method supplies to the head, or None for the head's own."""
         return None
