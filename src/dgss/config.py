@@ -116,26 +116,37 @@ class ReinConfig:
 
 @dataclass
 class FisherTuneConfig:
-    """FisherTune (fishertune.md). Defaults are the ones that document lists."""
+    """FisherTune (fishertune.md). Defaults are the ones that document lists; dgss.tuning.fishertune
+    documents each choice where it is made."""
 
+    # estimation (stage 2): num_batches source batches, each seen as x and as x' (2 passes per batch)
     num_batches: int = 100
-    rounds: int = 4
-    per_sample: bool = False
+    rounds: int = 4  # K variational rounds the batches are split over
+    per_sample: bool = False  # squared gradients per image (micro-batches of 1) instead of per batch
+    # simulated shift x': feature statistics perturbed at the input of these blocks
     eps_mu: float = 0.5
     eps_sigma: float = 0.5
     perturb_layers: list[int] = field(default_factory=lambda: [0])
+    # variational estimate: Lambda = n_eff * F / gamma + tau^-2, tau^-2 the tau_quantile of n_eff * F / gamma
     variational: bool = True
     gamma: float = 1.0
     tau_quantile: float = 0.5
     n_eff: Optional[int] = None  # None: the number of source training images
     ema_beta: float = 0.5
-    noise_cap: float = 0.05
+    noise_cap: float = 0.05  # theta-sample std <= noise_cap x RMS of the tensor's pretrained weights
     ratio_eps: float = 1e-8
+    # selection and schedule: delta(t) = delta_max - (delta_max - delta_min) exp(-t / T_s)
     delta_min: float = 0.01
     delta_max: float = 0.05
     schedule_tau_frac: float = 0.2  # T_s = T3 / 5
     warmup_iters: int = 1000  # T1
+    # drfim | fisher (plain F(x) at theta_pt, ChildTune-D style) | domain (domain term only) | random;
+    # "DR-FIM without the variational estimate" is selection=drfim with variational=false
     selection: Literal["drfim", "fisher", "domain", "random"] = "drfim"
+    eligible: Optional[list[str]] = None  # fnmatch patterns on backbone parameter names; None: all
+    delta_weight_decay: Optional[float] = None  # None: train.weight_decay (it pulls delta towards 0)
+    refresh_interval: int = 0  # re-rank the not-yet-active candidates every N stage-3 iterations; 0: never
+    train_perturb_prob: float = 0.0  # train on x' in this fraction of stage-3 iterations (augmentation)
 
 
 @dataclass
@@ -200,31 +211,48 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Iteration-based training; defaults are the 512 recipe of protocols.md."""
+    """Iteration-based training (dgss.engine); defaults are the 512 recipe of protocols.md."""
 
     iters: int = 40000
+    # images per process and micro-batch; the effective batch is batch_size x processes x grad_accum
+    # (the 1024 recipe's "batch 8 (2 x 4 GPUs)" is batch_size 2 on 4 processes)
     batch_size: int = 4
     lr: float = 1e-4
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    # lr(it) = lr * (1 - t)^poly_power, t going from 0 after the warm-up to 1 at `iters`, floored at
+    # min_lr (protocols.md names no floor, so the default decays to 0)
     poly_power: float = 0.9
-    warmup_iters: int = 0
-    grad_accum: int = 1
-    clip_grad: Optional[float] = None
-    amp: Literal["none", "bf16", "fp16"] = "none"
+    min_lr: float = 0.0
+    warmup_iters: int = 0  # linear warm-up from lr * warmup_start_factor to lr (1024 recipe: 10000)
+    warmup_start_factor: float = 1e-6
+    grad_accum: int = 1  # micro-batches per optimizer step
+    clip_grad: Optional[float] = None  # max global gradient L2 norm; None: no clipping
+    amp: Literal["none", "bf16", "fp16"] = "none"  # autocast on GPU (fp16 with a GradScaler); fp32 on CPU
     seed: int = 0
-    eval_interval: int = 4000
-    checkpoint_interval: int = 4000
-    log_interval: int = 50
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: the process's GPU (LOCAL_RANK) when there is one
+    eval_interval: int = 4000  # source-domain validation (data.val) every N iterations; 0: never
+    checkpoint_interval: int = 4000  # 0: only the final model
+    keep_checkpoints: int = 2  # most recent training checkpoints kept on disk; 0: all
+    log_interval: int = 50  # iterations between log lines / TensorBoard points
+    progress_bar: bool = True  # tqdm bar on rank 0 (loss, lr, it/s, ETA)
+    # what a non-finite loss does: stop (nothing is saved, the last checkpoint stays as it is) or
+    # skip the optimizer step with a warning
     nan_policy: Literal["stop", "skip"] = "stop"
+    # DDP: allow trainable parameters that get no gradient (a ViT's final norm under full fine-tuning,
+    # a method's queries with a head that takes none); false saves a graph traversal per step when
+    # every trainable parameter always gets a gradient
+    find_unused_parameters: bool = True
 
 
 @dataclass
 class EvalConfig:
+    """Inference for validation and `dgss eval` (protocols.md "Evaluation")."""
+
     mode: Literal["slide", "whole"] = "slide"
-    crop_size: list[int] = field(default_factory=lambda: [512, 512])
-    stride: list[int] = field(default_factory=lambda: [341, 341])
-    batch_windows: int = 8
+    crop_size: list[int] = field(default_factory=lambda: [512, 512])  # (h, w); 1024 recipe: 1024
+    stride: list[int] = field(default_factory=lambda: [341, 341])  # (h, w); 1024 recipe: 683
+    batch_windows: int = 8  # sliding windows per forward pass
 
 
 @dataclass

@@ -31,6 +31,7 @@ METHODS: dict[str, Callable] = {
     "frozen": _frozen,
     "full": _full,
     "rein": _lazy(".rein", "build_rein"),
+    "fishertune": _lazy(".fishertune", "build_fishertune"),
 }
 
 

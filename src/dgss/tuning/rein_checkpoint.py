@@ -212,12 +212,14 @@ MODEL_FILE_VERSION = 1
 _PRETRAINED_PREFIX = "backbone.model."
 
 
-def save_model_file(segmentor, cfg, path: Union[str, os.PathLike], *, include_backbone: bool = True):
+def save_model_file(segmentor, cfg, path: Union[str, os.PathLike], *, include_backbone: bool = True,
+                    metadata: Optional[dict] = None):
     """Write ``segmentor`` (built from the ExperimentConfig ``cfg``) to ``path`` (.safetensors).
 
     ``include_backbone=False`` writes the small "rein+head" file; it refuses a model whose pretrained
     backbone tensors were trained (full fine-tuning), since they could not be restored from the
-    pretrained file.
+    pretrained file. ``metadata``: extra JSON-serialisable entries of the "dgss" metadata (the
+    training engine adds the iteration and the backbone's fingerprint).
     """
     state = segmentor.state_dict()
     if not include_backbone:
@@ -234,6 +236,7 @@ def save_model_file(segmentor, cfg, path: Union[str, os.PathLike], *, include_ba
         "backbone_weights": cfg.model.weights,
         "method": cfg.method.name,
         "config": to_dict(cfg),
+        **(metadata or {}),
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

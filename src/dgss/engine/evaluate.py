@@ -1,0 +1,130 @@
+"""Evaluation: mIoU per dataset (sliding window by default), reduced over processes; JSON and
+Markdown reports (protocols.md "Evaluation").
+
+    results = evaluate_datasets(model, cfg.data.test, cfg, ctx)   # every process calls it
+    print(format_markdown(results))                              # per-class IoU, mIoU, mean
+    write_results(results, "runs/exp/eval")                      # results.json + results.md
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..config import DatasetConfig, ExperimentConfig
+from ..data import build_eval_loader
+from .distributed import DistContext
+from .metrics import ConfusionMatrix
+
+__all__ = ["DatasetResult", "evaluate_dataset", "evaluate_datasets", "autocast_context", "results_to_dict",
+           "format_markdown", "write_results"]
+
+
+@dataclass
+class DatasetResult:
+    """One dataset's scores, in percent; ``iou`` is NaN for classes absent from labels and predictions."""
+
+    name: str
+    classes: list[str]
+    iou: list[float]
+    miou: float  # nan-mean over ``eval_class_ids`` (all classes when None)
+    pixel_accuracy: float
+    num_images: int
+    eval_class_ids: Optional[list[int]] = None
+
+
+def autocast_context(amp: str, device: torch.device):
+    """bf16/fp16 autocast on a GPU; nothing on the CPU (where training runs in fp32)."""
+    if amp == "none" or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def evaluate_dataset(model, ds_cfg: DatasetConfig, cfg: ExperimentConfig, ctx: DistContext = DistContext(),
+                     *, amp: str = "none", num_workers: Optional[int] = None) -> DatasetResult:
+    """Scores of ``model`` (a Segmentor, inference as ``cfg.eval`` says) on one dataset. Each process
+    evaluates its share of the images; the confusion matrices are summed over processes."""
+    loader = build_eval_loader(ds_cfg, cfg.data, rank=ctx.rank, world_size=ctx.world_size, num_workers=num_workers)
+    dataset = loader.dataset
+    was_training = model.training
+    model.eval()
+    matrix = ConfusionMatrix(model.num_classes, ignore_index=model.ignore_index)
+    count = torch.zeros(1, dtype=torch.int64)
+    for batch in loader:
+        if "label" not in batch:
+            raise ValueError(f"dataset '{loader.name}' has no labels (with_labels: false): it cannot be evaluated")
+        images = batch["image"].to(ctx.device, non_blocking=True)
+        with autocast_context(amp, ctx.device):
+            scores = model.inference(images, out_size=tuple(batch["label"].shape[-2:]))
+        matrix.update(scores.argmax(1).cpu(), batch["label"])
+        count += images.shape[0]
+    matrix.all_reduce()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        count = count.to(ctx.device) if torch.distributed.get_backend() == "nccl" else count
+        torch.distributed.all_reduce(count)
+    model.train(was_training)
+    iou = matrix.iou()
+    ids = getattr(dataset, "eval_class_ids", None)
+    chosen = iou if ids is None else iou[list(ids)]
+    return DatasetResult(name=loader.name, classes=list(dataset.classes), iou=[100 * float(v) for v in iou],
+                         miou=100 * float(torch.nanmean(chosen)), pixel_accuracy=100 * matrix.pixel_accuracy(),
+                         num_images=int(count.item()), eval_class_ids=None if ids is None else list(ids))
+
+
+def evaluate_datasets(model, datasets: Sequence[DatasetConfig], cfg: ExperimentConfig,
+                      ctx: DistContext = DistContext(), *, amp: str = "none",
+                      num_workers: Optional[int] = None) -> list[DatasetResult]:
+    return [evaluate_dataset(model, d, cfg, ctx, amp=amp, num_workers=num_workers) for d in datasets]
+
+
+def _mean(values: Sequence[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def results_to_dict(results: Sequence[DatasetResult], *, checkpoint: Optional[str] = None) -> dict:
+    """JSON form: per dataset mIoU, pixel accuracy and per-class IoU (null for NaN), and the mean."""
+    def number(v: float):
+        return None if math.isnan(v) else round(v, 4)
+
+    out = {"checkpoint": checkpoint, "datasets": {}, "mean_miou": number(_mean([r.miou for r in results]))}
+    for r in results:
+        out["datasets"][r.name] = {
+            "miou": number(r.miou), "pixel_accuracy": number(r.pixel_accuracy), "num_images": r.num_images,
+            "eval_class_ids": r.eval_class_ids, "iou": {c: number(v) for c, v in zip(r.classes, r.iou)},
+        }
+    return out
+
+
+def format_markdown(results: Sequence[DatasetResult]) -> str:
+    """A summary table (mIoU per dataset and their mean) and a per-class IoU table."""
+    def cell(v: float) -> str:
+        return "-" if math.isnan(v) else f"{v:.1f}"
+
+    names = [r.name for r in results]
+    lines = ["| " + " | ".join(["", *names, "mean"]) + " |", "|" + "---|" * (len(names) + 2),
+             "| " + " | ".join(["mIoU", *(cell(r.miou) for r in results), cell(_mean([r.miou for r in results]))])
+             + " |", "", "| class | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    classes = results[0].classes if results else []
+    for c, name in enumerate(classes):
+        row = [cell(r.iou[c]) if c < len(r.iou) else "-" for r in results]
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def write_results(results: Sequence[DatasetResult], out_dir, *, stem: str = "results",
+                  checkpoint: Optional[str] = None) -> tuple[Path, Path]:
+    """``out_dir/<stem>.json`` and ``out_dir/<stem>.md``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    json_path.write_text(json.dumps(results_to_dict(results, checkpoint=checkpoint), indent=2) + "\n")
+    md_path.write_text(format_markdown(results) + "\n")
+    return json_path, md_path

@@ -1,0 +1,320 @@
+"""The training loop: iterations, AdamW + poly, accumulation, clipping, AMP, DDP, validation,
+checkpoints and exact resume.
+
+    trainer = Trainer(cfg)                      # or Trainer(cfg, resume=True) / resume="path"
+    final_model = trainer.train()               # RUN/model_final.safetensors
+
+Under ``torchrun`` every process runs the same code; rank 0 logs and writes files, metrics are
+reduced over processes. ``cfg.train.batch_size`` is per process (and micro-batch).
+
+Tuning methods get the trainer in ``method.on_train_iteration(iteration, trainer)`` before every
+iteration (also the first one after a resume) and may use:
+
+* ``trainer.model``: the unwrapped Segmentor (forward/backward through it is not synchronised by DDP);
+* ``trainer.next_batch()``: the next source batch of this process, on ``trainer.device`` (it counts
+  as consumed data, so a resumed run sees the same batches);
+* ``trainer.cfg``, ``trainer.total_iters``, ``trainer.iteration``, ``trainer.device``,
+  ``trainer.rank``, ``trainer.world_size``, ``trainer.num_train_images`` (all sources);
+* ``trainer.rebuild_optimizer()``: call it (on every process) after changing which tensors train;
+  tensors that keep training keep their AdamW moments, and DDP is re-wrapped.
+
+A method whose decisions change the trainable set must keep them in its state dict: the model file
+of a checkpoint restores them, and the optimizer state is matched to parameters by name. Optional:
+``method.ddp_buffers_to_ignore()`` names (relative to the method) of buffers DDP need not broadcast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import warnings
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ..config import ExperimentConfig, save_config, to_dict
+from ..data import build_train_loader
+from ..models.segmentor import build_segmentor
+from . import checkpoint as ckpt
+from .data_stream import ResumableBatches
+from .distributed import DistContext, all_reduce_sum, barrier, init_distributed
+from .evaluate import autocast_context, evaluate_datasets
+from .logging import TrainLogger
+from .optim import build_optimizer, load_optimizer_state_by_name, optimizer_state_by_name
+from .schedule import PolySchedule
+
+__all__ = ["Trainer", "NonFiniteLossError", "seed_everything", "FINAL_MODEL_NAME"]
+
+FINAL_MODEL_NAME = "model_final.safetensors"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite (``train.nan_policy: stop``)."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b, name = old.get(key), new.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _config_differences(a, b, name + ".")
+        elif a != b:
+            keys.append(name)
+    return keys
+
+
+class Trainer:
+    """One training run of ``cfg`` (see the module docstring).
+
+    Args:
+        cfg: the resolved experiment config; outputs go to ``cfg.run_dir``.
+        resume: None/False for a new run, True for the newest checkpoint in ``RUN/checkpoints``, or
+            a checkpoint file (either file of the pair) or folder.
+        ctx: the process context; default: from torchrun's environment (``init_distributed``).
+    """
+
+    def __init__(self, cfg: ExperimentConfig, *, resume: Union[None, bool, str, Path] = None,
+                 ctx: Optional[DistContext] = None) -> None:
+        train = cfg.train
+        if train.grad_accum < 1 or train.batch_size < 1:
+            raise ValueError(f"train.grad_accum and train.batch_size must be >= 1, got {train.grad_accum}, "
+                             f"{train.batch_size}")
+        self.cfg = cfg
+        self.ctx = ctx if ctx is not None else init_distributed(train.device)
+        self.device, self.rank, self.world_size = self.ctx.device, self.ctx.rank, self.ctx.world_size
+        self.total_iters = train.iters
+        self.iteration = 0
+        self.run_dir = cfg.run_dir
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.schedule = PolySchedule.from_config(train)
+        self.amp = train.amp if self.device.type == "cuda" else "none"
+        if train.amp != "none" and self.amp == "none":
+            warnings.warn(f"train.amp={train.amp} applies on a GPU only; training in fp32 on the CPU", stacklevel=2)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
+        self.last_checkpoint: Optional[Path] = None
+
+        seed_everything(train.seed)  # identical initial weights on every process
+        self.model = build_segmentor(cfg).to(self.device)
+        self.model.train()
+        self._fingerprint = None if ckpt.stores_backbone(self.model, cfg) else ckpt.backbone_fingerprint(self.model.backbone)
+        seed_everything(train.seed + self.rank)  # per-process randomness (e.g. Mask2Former's point sampling)
+
+        state, data_position = None, 0
+        if resume:
+            model_path, state_path = ckpt.resolve_checkpoint(None if resume is True else resume, self.checkpoint_dir)
+            meta = ckpt.load_model_weights(self.model, model_path)
+            state = ckpt.load_training_state(state_path)
+            if meta.get("iteration") != state.get("iteration"):
+                raise ckpt.CheckpointError(f"{model_path} (iteration {meta.get('iteration')}) and {state_path} "
+                                           f"(iteration {state.get('iteration')}) are not one checkpoint")
+            self._warn_config_changes(meta.get("config", {}), model_path)
+            self.iteration, data_position = int(state["iteration"]), int(state["data_position"])
+            if state.get("world_size", 1) != self.world_size or state.get("batch_size") != train.batch_size:
+                warnings.warn(f"{model_path} was written with {state.get('world_size')} process(es) of batch "
+                              f"{state.get('batch_size')}; resuming with {self.world_size} of {train.batch_size} "
+                              "continues, but not exactly as the original run would have", stacklevel=2)
+            self.last_checkpoint = model_path
+
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.ddp_model: Optional[DistributedDataParallel] = None
+        self._pending_optimizer_state: dict = {}
+        self.rebuild_optimizer()
+        if state is not None:
+            self._pending_optimizer_state = load_optimizer_state_by_name(
+                self.optimizer, self.model, state["optimizer"], device=self.device)
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+        loader = build_train_loader(cfg, rank=self.rank, world_size=self.world_size)
+        self.num_train_images = sum(len(d) for d in loader.datasets)  # all sources (e.g. FisherTune's N_eff)
+        self.batches = ResumableBatches(loader, seed=train.seed, rank=self.rank, world_size=self.world_size,
+                                        start=data_position)
+        if state is not None:  # last: nothing after this may draw random numbers before training
+            rng = state["rng"]
+            ckpt.restore_rng_state(rng[self.rank] if self.rank < len(rng) else rng[0])
+
+    # ------------------------------------------------------------------ what methods use
+
+    def next_batch(self) -> dict:
+        """The next source batch of this process: {"image": B x 3 x h x w, "label": B x h x w, "name"}."""
+        batch = next(self.batches)
+        batch["image"] = batch["image"].to(self.device, non_blocking=True)
+        batch["label"] = batch["label"].to(self.device, non_blocking=True)
+        return batch
+
+    def rebuild_optimizer(self) -> None:
+        """(Re)build AdamW from the model's current parameter groups (and re-wrap DDP). Parameters
+        that train before and after keep their optimizer state."""
+        kept = {"state": {}}
+        if self.optimizer is not None:
+            kept = optimizer_state_by_name(self.optimizer, self.model)
+        self.optimizer = build_optimizer(self.model, self.cfg.train, self.cfg.method.backbone_lr_mult)
+        load_optimizer_state_by_name(self.optimizer, self.model, kept, device=self.device)
+        if self._pending_optimizer_state:  # resumed state of parameters that were not training yet
+            self._pending_optimizer_state = load_optimizer_state_by_name(
+                self.optimizer, self.model, {"state": self._pending_optimizer_state}, device=self.device)
+        self.schedule.apply(self.optimizer, self.iteration)
+        if self.ctx.distributed:
+            # a method may name large buffers that are identical on every process by construction;
+            # DDP then does not broadcast them before every forward pass
+            ignored = getattr(self.model.method, "ddp_buffers_to_ignore", lambda: [])()
+            if ignored:
+                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                    self.model, [f"method.{name}" for name in ignored])
+            self.ddp_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.cfg.train.find_unused_parameters)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> Path:
+        """Run from ``self.iteration`` to ``total_iters``; returns the final model file."""
+        cfg, train = self.cfg, self.cfg.train
+        main = self.ctx.is_main
+        if main:
+            save_config(cfg, self.run_dir / "config.yaml")
+        log = TrainLogger(self.run_dir / "logs", total_iters=self.total_iters, start_iter=self.iteration,
+                          enabled=main, progress_bar=train.progress_bar)
+        try:
+            self._announce(log)
+            while self.iteration < self.total_iters:
+                it = self.iteration
+                self.model.method.on_train_iteration(it, self)
+                losses, lr = self.train_step(it)
+                self.iteration = it + 1
+                log.step(self.iteration, losses["loss"], lr)
+                if self.iteration % max(train.log_interval, 1) == 0 or self.iteration == self.total_iters:
+                    log.scalars(self.iteration, {**losses, "lr": lr})
+                if train.eval_interval > 0 and cfg.data.val and (
+                        self.iteration % train.eval_interval == 0 or self.iteration == self.total_iters):
+                    self.validate(log)
+                if train.checkpoint_interval > 0 and self.iteration % train.checkpoint_interval == 0:
+                    self.save_checkpoint(log)
+            return self._save_final(log)
+        finally:
+            log.close()
+
+    def train_step(self, iteration: int) -> tuple[dict[str, float], float]:
+        """One optimizer step of ``grad_accum`` micro-batches; returns the loss terms (mean over
+        micro-batches and processes) and the lr."""
+        train = self.cfg.train
+        lr = self.schedule.apply(self.optimizer, iteration)
+        self.optimizer.zero_grad(set_to_none=True)
+        forward = self.ddp_model if self.ddp_model is not None else self.model
+        totals: dict[str, torch.Tensor] = {}
+        for micro in range(train.grad_accum):
+            batch = self.next_batch()
+            last = micro == train.grad_accum - 1
+            sync = contextlib.nullcontext() if (last or self.ddp_model is None) else self.ddp_model.no_sync()
+            with sync:
+                with autocast_context(self.amp, self.device):
+                    losses = forward(batch["image"], batch["label"])
+                loss = losses["loss"] / train.grad_accum
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            for key, value in losses.items():
+                totals[key] = totals.get(key, 0.0) + value.detach().float() / train.grad_accum
+        keys = list(totals)
+        values = all_reduce_sum(torch.stack([totals[k] for k in keys])) / self.world_size
+        values = dict(zip(keys, values.tolist()))
+        if not np.isfinite(values["loss"]):
+            return self._non_finite(iteration, values["loss"]), lr
+        if self._pending_optimizer_state:
+            raise ckpt.CheckpointError(
+                f"the resumed checkpoint has optimizer state for parameters that do not train now "
+                f"({', '.join(sorted(self._pending_optimizer_state)[:5])}): the method must restore its trainable "
+                "set from its state dict, or call trainer.rebuild_optimizer() when it changes it")
+        if train.clip_grad is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, train.clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return values, lr
+
+    def _non_finite(self, iteration: int, value: float) -> dict[str, float]:
+        where = f"the last checkpoint ({self.last_checkpoint}) is intact" if self.last_checkpoint else \
+            "no checkpoint had been written yet"
+        message = f"non-finite loss ({value}) at iteration {iteration + 1} of {self.total_iters}"
+        if self.cfg.train.nan_policy == "stop":
+            raise NonFiniteLossError(f"{message}: training stopped and nothing was saved; {where}. Lower train.lr, "
+                                     "set train.clip_grad, or train.nan_policy=skip to skip such steps")
+        warnings.warn(f"{message}: optimizer step skipped (train.nan_policy=skip)", stacklevel=2)
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": value}
+
+    # ------------------------------------------------------------------ validation, files
+
+    def validate(self, log: Optional[TrainLogger] = None) -> dict[str, float]:
+        """mIoU on every ``cfg.data.val`` dataset (source domain; never the targets)."""
+        results = evaluate_datasets(self.model, self.cfg.data.val, self.cfg, self.ctx, amp=self.amp)
+        scores = {f"{r.name}/mIoU": r.miou for r in results}
+        if log is not None:
+            line = f"[val] iter {self.iteration}: " + ", ".join(f"{r.name} mIoU {r.miou:.2f}" for r in results)
+            log.scalars(self.iteration, scores, prefix="val", line=line)
+        return scores
+
+    def _training_state(self) -> dict:
+        rng = ckpt.capture_rng_state()
+        if self.ctx.distributed:  # every process's generators, for an exact resume of each
+            gathered = [None] * self.world_size
+            torch.distributed.all_gather_object(gathered, rng)
+            rng = gathered
+        else:
+            rng = [rng]
+        return {"optimizer": optimizer_state_by_name(self.optimizer, self.model),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                "rng": rng, "data_position": self.batches.position, "world_size": self.world_size,
+                "batch_size": self.cfg.train.batch_size}
+
+    def save_checkpoint(self, log: Optional[TrainLogger] = None) -> Optional[Path]:
+        """Checkpoint after ``self.iteration`` iterations (rank 0 writes; every process must call it)."""
+        state = self._training_state()
+        path = None
+        if self.ctx.is_main:
+            path = ckpt.save_training_checkpoint(self.checkpoint_dir, self.iteration, self.model, self.cfg, state,
+                                                 fingerprint=self._fingerprint, keep=self.cfg.train.keep_checkpoints)
+            self.last_checkpoint = path
+            if log is not None:
+                log.info(f"checkpoint: {path}")
+        barrier()
+        return path
+
+    def _save_final(self, log: TrainLogger) -> Path:
+        path = self.run_dir / FINAL_MODEL_NAME
+        if self.ctx.is_main:
+            ckpt.save_model(self.model, self.cfg, path, metadata={"iteration": self.iteration},
+                            fingerprint=self._fingerprint)
+            log.info(f"final model: {path}")
+        barrier()
+        return path
+
+    def _announce(self, log: TrainLogger) -> None:
+        from ..tuning.rein import format_trainable_parameters
+
+        train = self.cfg.train
+        effective = train.batch_size * self.world_size * train.grad_accum
+        log.info(f"run: {self.run_dir} | {self.world_size} process(es) on {self.device.type} | batch "
+                 f"{train.batch_size} x {self.world_size} process(es) x {train.grad_accum} accumulation = {effective}")
+        log.info(format_trainable_parameters(self.model.method, self.model.head))
+        if self.iteration:
+            log.info(f"resumed at iteration {self.iteration} from {self.last_checkpoint}")
+
+    def _warn_config_changes(self, saved: dict, path: Path) -> None:
+        cosmetic = ("train.iters", "train.progress_bar", "train.log_interval", "train.device", "data.num_workers")
+        changed = [k for k in _config_differences(saved, to_dict(self.cfg)) if not k.startswith(cosmetic)]
+        if changed and self.ctx.is_main:
+            warnings.warn(f"resuming {path} with a config that differs in: {', '.join(changed[:10])}", stacklevel=3)
+
+

@@ -1,0 +1,110 @@
+"""Diagonal empirical Fisher information (fishertune.md §1).
+
+    sums, count = squared_gradient_sums(forward_loss, params, batches)       # float32 sums
+    fisher = {name: s / count for name, s in sums.items()}                   # F-hat, per element
+
+``F_theta = E[(d loss / d theta)^2]`` element-wise, with the ground-truth labels (the *empirical*
+Fisher). The expectation is a mean over mini-batches: by default one squared gradient of the
+batch-mean loss per mini-batch; with ``per_sample=True`` one squared gradient per image (micro-batches
+of one), the textbook estimator, which costs B backward passes per batch instead of one.
+
+The parameters are passed in explicitly (``params``: name -> tensor) and the loss is computed with
+them in place (``forward_loss(params, batch)``, e.g. through :func:`torch.func.functional_call`): the
+gradient is taken with :func:`torch.autograd.grad` for exactly those tensors, so no ``.grad`` of the
+model is touched, no ``requires_grad`` flag changes, and the same code estimates the Fisher at a
+*sampled* theta (the variational rounds) without writing into the model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["split_per_sample", "squared_gradient_sums", "all_reduce_sums", "functional_loss"]
+
+ForwardLoss = Callable[[dict[str, torch.Tensor], dict], torch.Tensor]
+
+
+def split_per_sample(batch: dict) -> list[dict]:
+    """A batch dict (tensors / lists with a leading batch dimension B) -> B dicts of one sample each
+    (leading dimension kept, so every entry is still a batch, of size 1)."""
+    sizes = {len(v) for v in batch.values() if isinstance(v, (torch.Tensor, list, tuple))}
+    if len(sizes) != 1:
+        raise ValueError(f"batch entries disagree on the batch size: {sorted(sizes)}")
+    (size,) = sizes
+    return [{k: (v[i:i + 1] if isinstance(v, (torch.Tensor, list, tuple)) else v) for k, v in batch.items()}
+            for i in range(size)]
+
+
+def squared_gradient_sums(
+    forward_loss: ForwardLoss,
+    params: dict[str, torch.Tensor],
+    batches: Iterable[dict],
+    *,
+    per_sample: bool = False,
+    sums: Optional[dict[str, torch.Tensor]] = None,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Sum of element-wise squared gradients over ``batches`` (or over their samples), in float32.
+
+    Args:
+        forward_loss: ``(params, batch) -> scalar loss`` with ``params`` in place of the model's.
+        params: name -> tensor (any shape); gradients are taken with respect to these values.
+        batches: mini-batch dicts.
+        per_sample: one squared gradient per sample (micro-batch of 1) instead of per batch.
+        sums: running sums to add to (same names and shapes); new float32 zeros when None.
+
+    Returns:
+        (sums, count): float32 tensors shaped like ``params``, and the number of squared gradients
+        added (batches, or samples with ``per_sample``). Non-finite gradients are skipped with a
+        warning and not counted, so one bad batch cannot poison the whole ranking.
+    """
+    names = list(params)
+    leaves = [params[n].detach().requires_grad_(True) for n in names]
+    leaf_params = dict(zip(names, leaves))
+    if sums is None:
+        sums = {n: torch.zeros(params[n].shape, dtype=torch.float32, device=params[n].device) for n in names}
+    count = 0
+    for batch in batches:
+        for micro in (split_per_sample(batch) if per_sample else [batch]):
+            loss = forward_loss(leaf_params, micro)
+            # allow_unused: eligible tensors the loss does not reach (e.g. a final norm a dense
+            # backbone skips) have zero Fisher.
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            if not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+                warnings.warn("FisherTune: non-finite gradient in a Fisher batch; skipped", stacklevel=2)
+                continue
+            for name, grad in zip(names, grads):
+                if grad is not None:
+                    grad = grad.float()  # float32 accumulation whatever the parameter dtype
+                    sums[name].addcmul_(grad, grad)
+            count += 1
+    return sums, count
+
+
+def all_reduce_sums(sums: dict[str, torch.Tensor], count: int) -> int:
+    """Sum the Fisher sums and counts over all processes (no-op outside torch.distributed), so every
+    rank ends with the estimate over the union of the ranks' batches. Returns the global count."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return count
+    for tensor in sums.values():
+        dist.all_reduce(tensor)
+    device = next(iter(sums.values())).device if sums else torch.device("cpu")
+    total = torch.tensor([count], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def functional_loss(module: torch.nn.Module, prefix: str, loss_fn: Callable) -> ForwardLoss:
+    """A ``forward_loss`` for :func:`squared_gradient_sums` that runs ``module`` with some of its
+    tensors replaced: ``params`` keys are names relative to ``module.<prefix>``, and
+    ``loss_fn(module_call, batch)`` computes the loss from ``module_call(*args)``."""
+    from torch.func import functional_call
+
+    def forward_loss(params: dict[str, torch.Tensor], batch: dict) -> torch.Tensor:
+        full = {f"{prefix}{name}": value for name, value in params.items()}
+        return loss_fn(lambda *args: functional_call(module, full, args), batch)
+
+    return forward_loss

@@ -1,0 +1,340 @@
+"""FisherTune as a tuning method: the three stages inside the normal training loop (fishertune.md §6).
+
+    method = build_fishertune(cfg.method, backbone); method.attach(backbone)   # build_method does both
+    method.on_train_iteration(it, trainer)   # the engine calls this before every iteration
+
+  * Stage 1, iterations < T1 (``warmup_iters``): the backbone is frozen, the head trains. The delta
+    vector is not in the graph, so it gets no gradient and AdamW leaves it (and its state) alone.
+  * Stage 2, at iteration T1: the DR-FIM is estimated from ``num_batches`` source batches
+    (``trainer.next_batch()``, 2 passes each) and the top round(delta_max N) entries are ranked.
+  * Stage 3: the top round(delta(t) N) of them train (t = iteration - T1), as theta_pt + scatter(delta).
+
+Everything a resumed run needs is in the state dict: ``delta`` (K = round(delta_max N) float32, the
+only trainable tensor besides the head), and the buffers ``entry_index`` / ``entry_rank`` (K int32),
+``tensor_counts`` (T), ``num_active``, ``selected`` and ``refreshed_at``. The optimizer is built once
+(from ``parameter_groups``) and never needs rebuilding: delta exists from attach on, and the entries
+not yet active are held at zero by masking their gradient (zero gradient, zero Adam moments -> zero
+update; decoupled weight decay of a zero is zero).
+
+Adam equivalence: the active set only grows, an entry's moments start at zero when it becomes active,
+and the bias correction uses the parameter's step count, which for the one flat delta counts every
+stage-3 step, exactly as a dense tensor with a masked gradient would. Sparse training therefore equals
+dense masked training step for step (tests/test_fishertune_sparse.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..base import TuningMethod, decay_groups
+from .drfim import DomainRelatedFisher, DRFIMOptions, FisherEstimate
+from .perturbation import FeatureStatisticsPerturbation
+from .selection import Selection, active_count, random_scores, rank_top_entries, rerank_inactive, selection_count
+from .sparse import DeltaInjector, apply_delta, eligible_tensors
+
+__all__ = ["FisherTune", "build_fishertune", "merge_into_dense"]
+
+# Seed offsets, so the estimate's draws (theta samples, z of x', random scores) are reproducible
+# from train.seed and independent of the training stream.
+_THETA_SEED, _SHIFT_SEED, _RANDOM_SEED, _AUGMENT_SEED = 1_000_003, 2_000_003, 3_000_017, 4_000_037
+
+
+class FisherTune(TuningMethod):
+    """Sparse fine-tuning of the backbone entries with the highest DR-FIM.
+
+    Args:
+        cfg: a :class:`dgss.config.FisherTuneConfig`.
+
+    Attributes (after :meth:`attach`):
+        tensors: the eligible tensors, in ranking order. num_eligible: N. capacity: K = round(delta_max N).
+        last_scores, last_estimate: the scores and estimate of the last ranking (kept only when
+            ``keep_scores`` is set, as ``dgss fisher`` does).
+    """
+
+    name = "fishertune"
+    backbone_requires_grad = True
+    # The pretrained backbone stays in eval mode (no drop-path, no BatchNorm statistics updates):
+    # only the selected entries change, nothing else about the backbone.
+    freeze_backbone_mode = True
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.keep_scores = False
+        self.last_scores: Optional[dict[str, torch.Tensor]] = None
+        self.last_estimate: Optional[FisherEstimate] = None
+        self.estimation_passes = 0
+        self._counts: list[int] = []
+        self._is_selected = False
+        self._suspended = False
+        self._augment_now = False
+        self._extra_handles: list = []
+
+    # ------------------------------------------------------------------ attach and state
+
+    def attach(self, backbone) -> None:
+        super().attach(backbone)  # every pretrained tensor frozen; they are never written
+        cfg = self.cfg
+        if not 0.0 < cfg.delta_min <= cfg.delta_max <= 1.0:
+            raise ValueError(f"need 0 < delta_min <= delta_max <= 1, got {cfg.delta_min}, {cfg.delta_max}")
+        self.tensors = eligible_tensors(backbone.model, cfg.eligible)
+        if not self.tensors:
+            raise ValueError(f"method.fishertune.eligible matches no backbone parameter: {cfg.eligible}")
+        self.num_eligible = sum(t.numel for t in self.tensors)
+        self.capacity = selection_count(self.num_eligible, cfg.delta_max)
+        reference = next(backbone.model.parameters())
+        device = reference.device
+        # One flat delta for all tensors, allocated now at delta_max so that the optimizer built
+        # before stage 2 already holds it; at least float32 (bf16/fp16 backbones get float32 deltas).
+        dtype = torch.promote_types(reference.dtype, torch.float32)
+        self.delta = nn.Parameter(torch.zeros(self.capacity, dtype=dtype, device=device))
+        self.register_buffer("entry_index", torch.zeros(self.capacity, dtype=torch.int32, device=device))
+        self.register_buffer("entry_rank", torch.full((self.capacity,), self.capacity, dtype=torch.int32,
+                                                      device=device))
+        self.register_buffer("tensor_counts", torch.zeros(len(self.tensors), dtype=torch.int64, device=device))
+        self.register_buffer("num_active", torch.zeros((), dtype=torch.int64, device=device))
+        self.register_buffer("selected", torch.zeros((), dtype=torch.bool, device=device))
+        self.register_buffer("refreshed_at", torch.full((), -1, dtype=torch.int64, device=device))
+        self.injector = DeltaInjector(backbone, self.tensors, self._delta_chunks)
+        self.shift = FeatureStatisticsPerturbation(backbone, cfg.perturb_layers, cfg.eps_mu, cfg.eps_sigma)
+        self._extra_handles = [backbone.register_forward_pre_hook(self._augmentation_hook)]
+        self._counts = [0] * len(self.tensors)
+
+    def detach_hooks(self) -> None:
+        """Remove every hook this method placed on the backbone (after :func:`merge_into_dense`)."""
+        self.injector.remove()
+        self.shift.remove()
+        for handle in self._extra_handles:
+            handle.remove()
+        self._extra_handles = []
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._refresh_host_cache()
+
+    def _refresh_host_cache(self) -> None:
+        # Python copies of what every forward pass needs, so that no pass syncs with the device.
+        self._counts = [int(c) for c in self.tensor_counts.tolist()]
+        self._is_selected = bool(self.selected)
+
+    @property
+    def is_selected(self) -> bool:
+        return bool(self.selected)
+
+    def ddp_buffers_to_ignore(self) -> list[str]:
+        """Buffer names (relative to the method) that DDP need not broadcast every forward pass: they
+        are identical on every process by construction and large (2 x K int32)."""
+        return ["entry_index", "entry_rank", "tensor_counts"]
+
+    # ------------------------------------------------------------------ optimizer
+
+    def parameter_groups(self, lr: float, weight_decay: float, backbone_lr_mult: float = 1.0) -> list[dict]:
+        # Weight decay on delta pulls theta towards theta_pt, not towards zero, so the usual reasons
+        # to exempt norms and embeddings from decay do not apply: one group, one decay for all entries.
+        decay = weight_decay if self.cfg.delta_weight_decay is None else self.cfg.delta_weight_decay
+        groups = [{"params": [self.delta], "lr": lr * backbone_lr_mult, "weight_decay": decay}]
+        if self.backbone.neck is not None:
+            groups += decay_groups(self.backbone.neck.named_parameters(), lr, weight_decay)
+        return groups
+
+    def num_trainable_backbone_parameters(self) -> int:
+        """K = round(delta_max N), the count the paper reports (15.21M on DINOv2-L)."""
+        return self.capacity
+
+    # ------------------------------------------------------------------ the forward path
+
+    def _delta_chunks(self):
+        if self._suspended or not self._counts or not getattr(self, "_is_selected", False):
+            return None
+        mask = (self.entry_rank < self.num_active).to(self.delta.dtype)
+        masked = self.delta * mask  # gradient of an inactive entry: zero
+        return list(zip(self.entry_index.split(self._counts), masked.split(self._counts)))
+
+    def _augmentation_hook(self, module, args):
+        """Optional x' as training augmentation (train_perturb_prob): decided per iteration."""
+        if self._suspended:
+            return
+        self.shift.enabled = bool(self.training and self._augment_now)
+        self.shift.new_draw()
+
+    def materialized(self) -> dict[str, torch.Tensor]:
+        """The current theta of every eligible tensor (dense copies; for tests, refresh and export)."""
+        chunks = self._delta_chunks()
+        out = {}
+        with torch.no_grad():
+            for i, tensor in enumerate(self.tensors):
+                pretrained = tensor.module._parameters[tensor.attr]
+                out[tensor.name] = pretrained if chunks is None else apply_delta(pretrained, *chunks[i])
+        return out
+
+    # ------------------------------------------------------------------ stages
+
+    def on_train_iteration(self, iteration: int, trainer) -> None:
+        cfg = self.cfg
+        start = cfg.warmup_iters
+        if iteration < start:
+            return  # stage 1
+        if not self.is_selected:
+            self.estimate_and_select(trainer)  # stage 2
+        total = max(int(trainer.total_iters) - start, 1)
+        t = iteration - start
+        if cfg.refresh_interval > 0 and t > 0 and t % cfg.refresh_interval == 0 and int(self.refreshed_at) != iteration:
+            self.refresh(trainer, iteration)
+        count = active_count(t, total, self.num_eligible, delta_min=cfg.delta_min, delta_max=cfg.delta_max,
+                             tau_frac=cfg.schedule_tau_frac)
+        # Never shrink (a resumed or repeated call with a smaller t keeps what is already active).
+        self.num_active.fill_(max(count, int(self.num_active)))
+        if cfg.train_perturb_prob > 0:
+            gen = torch.Generator().manual_seed(cfg_seed(trainer) + _AUGMENT_SEED + iteration)
+            self._augment_now = bool(torch.rand((), generator=gen) < cfg.train_perturb_prob)
+
+    def estimate_and_select(self, trainer) -> None:
+        """Stage 2 on the trainer's model and data stream; sets the ranking."""
+        model = trainer.model
+        scores = self.estimate(model, _batches(trainer), n_eff=resolve_n_eff(self.cfg, trainer),
+                               seed=cfg_seed(trainer))
+        self.select(scores, seed=cfg_seed(trainer))
+
+    def estimate(self, segmentor, batches: Iterator[dict], *, n_eff: float, seed: int = 0,
+                 at_current: bool = False) -> Optional[dict[str, torch.Tensor]]:
+        """Estimate the selection scores of every eligible tensor (None for random selection).
+
+        ``at_current``: at theta_pt + delta (a refresh) instead of theta_pt.
+        """
+        cfg = self.cfg
+        if cfg.selection == "random":
+            return None
+        fisher_only = cfg.selection == "fisher"
+        # ChildTune-D style: plain Fisher at theta_pt, no shift, no variational rounds.
+        options = DRFIMOptions(variational=cfg.variational and not fisher_only, rounds=cfg.rounds, gamma=cfg.gamma,
+                               tau_quantile=cfg.tau_quantile, ema_beta=cfg.ema_beta, noise_cap=cfg.noise_cap,
+                               eps_mu=cfg.eps_mu, eps_sigma=cfg.eps_sigma, ratio_eps=cfg.ratio_eps,
+                               per_sample=cfg.per_sample)
+        device = self.delta.device
+        theta_gen = torch.Generator(device).manual_seed(seed + _THETA_SEED)
+        shift_gen = torch.Generator(device).manual_seed(seed + _SHIFT_SEED)
+        prefix = "backbone.model."
+        base = self.materialized() if at_current else {
+            t.name: t.module._parameters[t.attr] for t in self.tensors}
+
+        def forward_loss(params, batch, shifted):
+            from torch.func import functional_call
+
+            full = {prefix + name: value for name, value in params.items()}
+            context = self.shift.active(shift_gen) if shifted else contextlib.nullcontext()
+            with context:
+                return functional_call(segmentor, full, (batch["image"], batch["label"]))["loss"]
+
+        estimator = DomainRelatedFisher(base, forward_loss, options, n_eff=n_eff, generator=theta_gen)
+        self._suspended = True  # the estimate passes its own theta; no delta hooks, no augmentation
+        try:
+            estimate = estimator.estimate(batches, cfg.num_batches, with_shift=not fisher_only)
+        finally:
+            self._suspended = False
+            self.shift.enabled = False
+        self.estimation_passes = estimate.passes
+        scores = estimator.scores(estimate, cfg.selection)
+        if self.keep_scores:
+            self.last_scores, self.last_estimate = scores, estimate
+        return scores
+
+    @torch.no_grad()
+    def select(self, scores: Optional[dict[str, torch.Tensor]], seed: int = 0) -> Selection:
+        """Rank the top K entries by ``scores`` (name -> tensor; None: random) and reset delta."""
+        if scores is None:
+            values = random_scores([t.shape for t in self.tensors], seed + _RANDOM_SEED, device=self.delta.device)
+            if self.keep_scores:
+                self.last_scores = {t.name: v for t, v in zip(self.tensors, values)}
+        else:
+            values = [scores[t.name] for t in self.tensors]
+        selection = rank_top_entries(values, self.capacity)
+        self.set_selection(selection)
+        return selection
+
+    @torch.no_grad()
+    def set_selection(self, selection: Selection) -> None:
+        if selection.size != self.capacity or len(selection.counts) != len(self.tensors):
+            raise ValueError(f"a selection of {selection.size} entries over {len(selection.counts)} tensors does "
+                             f"not fit K = {self.capacity} over {len(self.tensors)} tensors")
+        self.entry_index.copy_(selection.index.to(torch.int32))
+        self.entry_rank.copy_(selection.rank.to(torch.int32))
+        self.tensor_counts.copy_(selection.counts)
+        self.delta.zero_()
+        self.num_active.zero_()
+        self.selected.fill_(True)
+        self._refresh_host_cache()
+
+    def selection(self) -> Selection:
+        return Selection(self.tensor_counts.cpu(), self.entry_index.long(), self.entry_rank.long())
+
+    def refresh(self, trainer, iteration: int) -> None:
+        """Re-estimate at the current theta and re-order the not-yet-active candidates
+        (:func:`~.selection.rerank_inactive`); a no-op for random selection."""
+        scores = self.estimate(trainer.model, _batches(trainer), n_eff=resolve_n_eff(self.cfg, trainer),
+                               seed=cfg_seed(trainer) + iteration, at_current=True)
+        if scores is not None:
+            rank = rerank_inactive(self.selection(), [scores[t.name] for t in self.tensors], int(self.num_active))
+            self.entry_rank.copy_(rank.to(torch.int32))
+        self.refreshed_at.fill_(iteration)
+
+
+def _batches(trainer) -> Iterator[dict]:
+    while True:
+        yield trainer.next_batch()
+
+
+def cfg_seed(trainer) -> int:
+    cfg = getattr(trainer, "cfg", None)
+    return int(getattr(getattr(cfg, "train", None), "seed", 0) or 0)
+
+
+def resolve_n_eff(cfg, trainer) -> float:
+    """N_eff: the config value, else the number of source training images the trainer reports
+    (``num_train_images`` or ``len(train_dataset)``), else the images the estimate itself sees."""
+    if cfg.n_eff is not None:
+        return float(cfg.n_eff)
+    for attr in ("num_train_images",):
+        value = getattr(trainer, attr, None)
+        if value:
+            return float(value)
+    dataset = getattr(trainer, "train_dataset", None)
+    if dataset is not None:
+        return float(len(dataset))
+    batch = getattr(getattr(getattr(trainer, "cfg", None), "train", None), "batch_size", 1)
+    fallback = cfg.num_batches * batch * max(int(getattr(trainer, "world_size", 1)), 1)
+    warnings.warn(f"FisherTune: the number of source images is unknown; N_eff = {fallback} (the images the "
+                  "estimate sees). Set method.fishertune.n_eff to fix it.", stacklevel=2)
+    return float(fallback)
+
+
+def build_fishertune(method_cfg, backbone) -> FisherTune:
+    """The METHODS factory: ``method_cfg`` is a :class:`dgss.config.MethodConfig`."""
+    return FisherTune(method_cfg.fishertune)
+
+
+@torch.no_grad()
+def merge_into_dense(segmentor):
+    """Fold the deltas into the backbone's tensors (theta = theta_pt + delta, written in place) and
+    replace the method by :class:`~dgss.tuning.base.Frozen`: a plain dense model for deployment, whose
+    state dict is the backbone's and the head's. Returns ``segmentor``."""
+    from ..base import Frozen
+
+    method = segmentor.method
+    if not isinstance(method, FisherTune):
+        raise TypeError(f"merge_into_dense needs a FisherTune segmentor, got method '{method.name}'")
+    chunks = method._delta_chunks()
+    if chunks is not None:
+        for (index, delta), tensor in zip(chunks, method.tensors):
+            if index.numel():
+                param = tensor.module._parameters[tensor.attr]
+                param.view(-1).index_add_(0, index, delta.to(param.dtype))
+    method.detach_hooks()
+    frozen = Frozen()
+    frozen.attach(segmentor.backbone)
+    segmentor.method = frozen
+    return segmentor

@@ -1,0 +1,129 @@
+"""Shared helpers of the engine tests (tiny configs, subprocess runs), and the engine's small units:
+the lr schedule and the optimizer state kept by parameter name."""
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import TINY_VIT
+from safetensors.torch import load_file
+
+from dgss.config import TrainConfig
+from dgss.engine.optim import build_optimizer, load_optimizer_state_by_name, optimizer_state_by_name
+from dgss.engine.schedule import PolySchedule
+
+SIZE = [64, 96]  # synthetic images (H, W); every pixel is labelled
+TINY_M2F = dict(num_classes=19, num_queries=6, hidden_dim=16, pixel_decoder_layers=1, pixel_decoder_ffn_dim=32,
+                num_heads=2, num_points=2, decoder_layers=2, decoder_ffn_dim=32, num_points_loss=64)
+
+
+def synthetic(domain, split, n):
+    return {"type": "synthetic", "split": split, "name": domain,
+            "options": {"domain": domain, "num_images": n, "size": SIZE}}
+
+
+def tiny_config(tmp_path, name="run", *, head="fpn", method="full", weights=None, **train):
+    """A YAML experiment: DINOv2-shaped ViT (4 blocks, width 32), 64 x 64 crops, CPU."""
+    raw = {
+        "name": name,
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"backbone": "dinov2_s", "img_size": 64, "weights": weights, "backbone_kwargs": dict(TINY_VIT),
+                  "head": {"type": "fpn", "hidden_dim": 16} if head == "fpn" else dict(TINY_M2F)},
+        "method": {"name": method, "rein": {"num_tokens": 6, "lora_rank": 4, "query_dim": 16}},
+        "data": {"train": [synthetic("clean", "train", 16)], "val": [synthetic("clean", "val", 2)],
+                 "test": [synthetic("night", "val", 2), synthetic("fog", "val", 2)],
+                 "crop_size": [64, 64], "scales": [64, 80], "num_workers": 0},
+        "train": {"iters": 4, "batch_size": 2, "lr": 1e-3, "eval_interval": 0, "checkpoint_interval": 0,
+                  "log_interval": 1, "device": "cpu", "progress_bar": False, **train},
+        "eval": {"mode": "whole"},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def backbone_weights_file(tmp_path, name="dinov2_tiny.pth", std=0.2):
+    """A tiny pretrained-backbone file in timm's layout (for frozen-backbone checkpoints)."""
+    from dgss.models.backbones import build_backbone
+
+    donor = build_backbone("dinov2_s", img_size=64, **TINY_VIT)
+    path = tmp_path / name
+    torch.save({k: v.normal_(0, std) for k, v in donor.model.state_dict().items()}, path)
+    return path
+
+
+def subprocess_env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_python(*args, timeout=300):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+                          env=subprocess_env())
+
+
+def weights(path):
+    return load_file(str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Units
+# --------------------------------------------------------------------------------------------
+
+
+def test_poly_schedule_reaches_zero_and_warms_up_linearly():
+    poly = PolySchedule(total_iters=100, power=0.9)
+    assert poly.factor(0) == 1.0
+    assert poly.factor(50) == pytest.approx(0.5**0.9)
+    assert poly.factor(100) == 0.0
+    warm = PolySchedule(total_iters=40, power=1.0, warmup_iters=10, warmup_start_factor=0.0)
+    assert [warm.factor(i) for i in (0, 5, 10)] == pytest.approx([0.0, 0.5, 1.0])
+    assert warm.factor(25) == pytest.approx(0.5)  # poly over the 30 iterations after the warm-up
+    floored = PolySchedule.from_config(TrainConfig(iters=10, lr=1e-3, min_lr=1e-4))
+    assert floored.factor(10) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="warmup_iters"):
+        PolySchedule(total_iters=10, warmup_iters=10)
+
+
+class _TwoLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(3, 3), torch.nn.Linear(3, 1)
+
+    def parameter_groups(self, lr, weight_decay, backbone_lr_mult=1.0):
+        groups = [{"params": [p for p in self.b.parameters() if p.requires_grad], "lr": lr}]
+        return groups + [{"params": [p for p in self.a.parameters() if p.requires_grad], "lr": lr * backbone_lr_mult}]
+
+
+def _step(model, optimizer):
+    optimizer.zero_grad()
+    model.b(model.a(torch.ones(2, 3))).sum().backward()
+    optimizer.step()
+
+
+def test_optimizer_state_follows_parameter_names_through_rebuilds():
+    model = _TwoLayers()
+    model.a.requires_grad_(False)
+    optimizer = build_optimizer(model, TrainConfig(lr=0.1), backbone_lr_mult=0.1)
+    _step(model, optimizer)
+    saved = copy.deepcopy(optimizer_state_by_name(optimizer, model))
+    assert sorted(saved["state"]) == ["b.bias", "b.weight"]
+    # a method starts training "a": "b" keeps its moments, "a" starts fresh; groups carry initial_lr
+    model.a.requires_grad_(True)
+    rebuilt = build_optimizer(model, TrainConfig(lr=0.1), backbone_lr_mult=0.1)
+    pending = load_optimizer_state_by_name(rebuilt, model, saved)
+    assert pending == {}
+    assert [g["initial_lr"] for g in rebuilt.param_groups] == pytest.approx([0.1, 0.01])
+    torch.testing.assert_close(rebuilt.state[model.b.weight]["exp_avg"], saved["state"]["b.weight"]["exp_avg"])
+    assert model.a.weight not in rebuilt.state
+    # state of a parameter that does not train (yet) is handed back, not dropped silently
+    model.b.requires_grad_(False)
+    only_a = build_optimizer(model, TrainConfig(lr=0.1), backbone_lr_mult=1.0)
+    assert sorted(load_optimizer_state_by_name(only_a, model, saved)) == ["b.bias", "b.weight"]
