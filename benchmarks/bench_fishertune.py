@@ -101,6 +101,7 @@ def stability(args, device):
     model = build_segmentor(base).to(device)
     warm_head(model, Source(10_000, args.images, args.batch, args.img, device), args.warmup)
     head_state = {k: v.clone() for k, v in model.head.state_dict().items()}
+    model.method.keep_scores = True
     settings = {
         "plain Fisher (ChildTune-D)": dict(selection="fisher", variational=False),
         "plain DR-FIM": dict(selection="drfim", variational=False),
@@ -123,7 +124,9 @@ def stability(args, device):
             seconds += time.perf_counter() - t0
             sets.append(selection_set(method))
         jaccard = len(sets[0] & sets[1]) / len(sets[0] | sets[1])
-        print(f"   {label:<36} Jaccard {jaccard:.3f}   ({seconds / 2:.1f} s per estimate)")
+        tau = model.method.last_estimate.tau_inv_sq if model.method.last_estimate is not None else None
+        floor = f", tau^-2 {tau:.2e} (ratio eps {base.method.fishertune.ratio_eps:.0e})" if tau is not None else ""
+        print(f"   {label:<36} Jaccard {jaccard:.3f}   ({seconds / 2:.1f} s per estimate{floor})")
 
 
 def timed_steps(model, source, steps, device, before=None):

@@ -117,6 +117,7 @@ def test_variational_estimate_holds_the_fixed_point_when_the_fisher_is_constant(
 
     f_x, f_s = fisher(chunks[False][:2]), fisher(chunks[True][:2])
     torch.testing.assert_close(estimate.fisher_x["weight"], f_x)
+    torch.testing.assert_close(estimate.fisher_shifted["weight"], f_s)
     assert estimate.tau_inv_sq == pytest.approx(torch.quantile((scale * f_x).double().flatten(), 0.5).item(), rel=1e-6)
     # rounds see different batches: Lambda is the EMA (beta = 0.5) of the rounds' fixed-point values
     tau = estimate.tau_inv_sq

@@ -175,6 +175,22 @@ def test_queries_are_the_interleaved_max_mean_last_link():
     torch.testing.assert_close(reins.queries(), expected)
 
 
+def test_eval_queries_are_computed_once_and_follow_parameter_changes():
+    method = build_method(rein_cfg(num_tokens=4, lora_rank=2, query_dim=8), tiny("dinov2_s"))
+    method.eval()
+    with torch.no_grad():
+        first = method.head_queries()
+        assert method.head_queries() is first  # cached: no recomputation per forward / window
+        method.reins.merge.bias.add_(1.0)  # an in-place change (optimizer step, checkpoint load)
+        changed = method.head_queries()
+    torch.testing.assert_close(changed, first + 1.0)
+    torch.testing.assert_close(changed, method._compute_queries().detach())
+    assert method.head_queries().requires_grad  # with autograd on: recomputed, in the graph
+    method.train()
+    with torch.no_grad():
+        assert method.head_queries() is not method.head_queries()  # training: never cached
+
+
 @pytest.mark.parametrize("name", ["dinov2_s", "dinov2_s_reg", "eva02_l", "dinov3_s", "clip_l", "mae_l"])
 def test_gradients_reach_every_rein_parameter_and_no_backbone_parameter(name):
     backbone = tiny(name)

@@ -6,7 +6,10 @@
     dgss train CONFIG [key=value ...] [--resume [CHECKPOINT]]   # also under torchrun
     dgss eval CONFIG --checkpoint FILE [key=value ...]         # every data.test dataset
     dgss fisher CONFIG [key=value ...]   # FisherTune stages 1-2: DR-FIM scores, selection, plots
-    dgss demo                            # the built-in end-to-end run on CPU
+    dgss compare CONFIG --methods frozen,rein,lora [key=value ...] [--out DIR] [--no-run]
+    dgss predict --checkpoint FILE INPUT... --out DIR [--format colour,overlay] [--tta flip]
+    dgss export --checkpoint FILE --out model.onnx [--input-size H W]   # ONNX or TorchScript
+    dgss demo [--quick] [--out DIR]      # the built-in end-to-end run on CPU (synthetic domains)
 
 Each sub-command is a (help, add_arguments, run) triple in ``COMMANDS``; errors the user can fix
 (bad config, missing file) print one clear line and exit with status 2 instead of a traceback.
@@ -103,19 +106,91 @@ def _fisher_run(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# dgss compare
+# ------------------------------------------------------------------------------------------------
+
+
+def _compare_args(parser: argparse.ArgumentParser) -> None:
+    _add_config_args(parser)
+    parser.add_argument("--methods", required=True,
+                        help="comma-separated method names (dgss.tuning.METHODS) or config files, e.g. "
+                        "frozen,rein,fishertune,lora")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="folder for table.md, table.csv and miou.png (default: output_dir/compare_<protocol>)")
+    parser.add_argument("--no-run", action="store_true",
+                        help="only collect finished runs (RUN/eval/results.json); never train or evaluate")
+
+
+def _compare_run(args: argparse.Namespace) -> int:
+    from .compare import compare, format_markdown_table
+    from .config import load_config
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise UsageError("--methods names no method")
+    out = args.out
+    if out is None:
+        protocol = load_config(args.config, args.overrides)
+        out = str(Path(protocol.output_dir) / f"compare_{Path(args.config).stem}")
+    runs, paths = compare(args.config, methods, overrides=args.overrides, out_dir=out, allow_run=not args.no_run)
+    print(format_markdown_table(runs))
+    missing = [f"{r.label} ({r.cfg.run_dir})" for r in runs if r.status == "missing"]
+    if missing:
+        print(f"\nnot run yet (--no-run): {', '.join(missing)}", file=sys.stderr)
+    print("\n" + ", ".join(str(p) for p in paths.values()))
+    return 1 if missing else 0
+
+
+# ------------------------------------------------------------------------------------------------
 # dgss demo
 # ------------------------------------------------------------------------------------------------
 
 
 def _demo_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="demo_output", help="folder for the demo's outputs")
-    parser.add_argument("--quick", action="store_true", help="a ~1 minute version")
+    parser.add_argument("--out", default="demo_output", help="folder for the demo's outputs (default: demo_output)")
+    parser.add_argument("--quick", action="store_true", help="a ~1 minute version (smaller budget, fewer images)")
+    parser.add_argument("--methods", default="frozen,full,rein,fishertune",
+                        help="comma-separated subset of frozen,full,rein,fishertune (default: all four)")
+    parser.add_argument("--iters", type=int, metavar="N", help="iterations per method (default: 400, --quick 40)")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads (default: 1)")
+    parser.add_argument("--foundation", metavar="FILE",
+                        help="another foundation ViT file (default: the one shipped in dgss/assets)")
+    parser.add_argument("--pretrain-foundation", metavar="OUT",
+                        help="instead of the demo: pretrain the foundation ViT as the shipped file was made, "
+                        "and write it to OUT")
+    parser.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
 
 
 def _demo_run(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    import dataclasses
 
-    run_demo(out_dir=args.out, quick=args.quick)
+    from .demo import FULL_BUDGET, METHODS, QUICK_BUDGET, pretrain_foundation, run_demo
+
+    if args.pretrain_foundation:
+        import torch
+
+        torch.set_num_threads(args.threads or 1)
+        from .demo.foundation import PRETRAIN
+
+        print(f"pretraining the demo's foundation ViT: {args.iters or PRETRAIN['iters']} iterations "
+              "(the shipped recipe: about 7 minutes on one core)", flush=True)
+        path = pretrain_foundation(args.pretrain_foundation, iters=args.iters, progress=not args.no_progress)
+        print(f"foundation ViT written to {path}")
+        return 0
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise UsageError(f"--methods: unknown method(s) {', '.join(unknown) or '(none given)'}; "
+                         f"the demo runs {', '.join(METHODS)}")
+    if args.foundation and not Path(args.foundation).is_file():
+        raise UsageError(f"--foundation: file not found: {args.foundation}")
+    budget = QUICK_BUDGET if args.quick else FULL_BUDGET
+    if args.iters is not None:
+        if args.iters < 1:
+            raise UsageError("--iters must be >= 1")
+        budget = dataclasses.replace(budget, iters=args.iters)
+    run_demo(out_dir=args.out, quick=args.quick, methods=methods, budget=budget, weights=args.foundation,
+             progress=not args.no_progress, threads=args.threads)
     return 0
 
 
@@ -194,6 +269,97 @@ def _eval_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------
+# dgss predict / dgss export
+# ------------------------------------------------------------------------------------------------
+
+
+def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="FILE",
+                        help="a dgss model file, a training checkpoint, a run folder, or an official Rein .pth")
+    parser.add_argument("--config", metavar="YAML", help="experiment config, for checkpoints without one "
+                        "(official Rein, plain state dicts)")
+    parser.add_argument("--backbone-weights", metavar="FILE",
+                        help="pretrained backbone file, for checkpoints that hold the method and head only")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+
+
+def _load_predictor(args: argparse.Namespace):
+    from .predict import CheckpointError, load
+
+    try:
+        return load(args.checkpoint, config=args.config, backbone_weights=args.backbone_weights, device=args.device)
+    except CheckpointError as err:
+        raise UsageError(str(err)) from err
+
+
+def _predict_args(parser: argparse.ArgumentParser) -> None:
+    from .predict.writers import FORMATS
+
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="images, folders (searched recursively), videos")
+    _add_checkpoint_args(parser)
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (one sub-folder per format)")
+    parser.add_argument("--format", default="colour", metavar="LIST",
+                        help=f"comma-separated outputs: {', '.join(FORMATS)} (default: colour)")
+    parser.add_argument("--tta", metavar="SPEC", help="test-time augmentation, e.g. flip or flip,scales=0.75,1.0,1.25")
+    parser.add_argument("--batch", type=int, default=1, metavar="N", help="images (of one size) per forward pass")
+    parser.add_argument("--mode", choices=["slide", "whole"], help="inference mode (default: the model's eval.mode)")
+    parser.add_argument("--resize", type=int, nargs=2, metavar=("W", "H"),
+                        help="fit images into this box before inference (results keep the input size)")
+    parser.add_argument("--opacity", type=float, default=0.5, help="colour weight of overlays (default 0.5)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _predict_run(args: argparse.Namespace) -> int:
+    from .predict import parse_tta
+    from .predict.run import PredictOptions, predict_inputs
+    from .predict.writers import parse_formats
+
+    options = PredictOptions(formats=parse_formats(args.format), tta=parse_tta(args.tta), batch_size=args.batch,
+                             mode=args.mode, resize=args.resize, opacity=args.opacity, progress=not args.no_progress)
+    if args.batch < 1:
+        raise UsageError(f"--batch must be at least 1, got {args.batch}")
+    predictor = _load_predictor(args)
+    from tqdm import tqdm
+
+    report = predict_inputs(predictor, args.inputs, Path(args.out), options,  # tqdm.write: keeps the bars intact
+                            on_error=lambda line: tqdm.write(f"dgss predict: {line}", file=sys.stderr))
+    done = f"{report.images} images" + (f", {report.videos} videos ({report.frames} frames)" if report.videos else "")
+    print(f"wrote {done} to {args.out} ({', '.join(options.formats)})")
+    if report.errors:
+        print(f"dgss predict: {len(report.errors)} input(s) failed (see above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _export_args(parser: argparse.ArgumentParser) -> None:
+    _add_checkpoint_args(parser)
+    parser.add_argument("--out", required=True, metavar="FILE", help="model.onnx, or model.pt for TorchScript")
+    parser.add_argument("--format", choices=["onnx", "torchscript"], help="default: from the suffix of --out")
+    parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
+                        help="the fixed input size (default: the model's eval.crop_size)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 16; default 17)")
+    parser.add_argument("--no-merge", action="store_true", help="keep the tuning method as it is (no folding)")
+
+
+def _export_run(args: argparse.Namespace) -> int:
+    from .export import ExportError, export_model
+
+    predictor = _load_predictor(args)
+    try:
+        result = export_model(predictor.model, predictor.cfg, args.out, fmt=args.format, input_size=args.input_size,
+                              opset=args.opset, merge=not args.no_merge)
+    except ExportError as err:
+        print(f"dgss export: error: {err}", file=sys.stderr)
+        return 1
+    h, w = result.input_size
+    print(f"wrote {result.path}: input 'images' B x 3 x {h} x {w} float32 RGB 0..255; outputs 'scores' "
+          f"B x {predictor.num_classes} x {h} x {w}, 'labels' B x {h} x {w}")
+    for note in result.notes:
+        print(f"  {note}")
+    return 0
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
 COMMANDS: dict[str, Command] = {
@@ -203,7 +369,13 @@ COMMANDS: dict[str, Command] = {
               _train_run),
     "eval": ("evaluate a model file on every data.test dataset (mIoU tables, JSON + Markdown)", _eval_args,
              _eval_run),
+    "predict": ("segment images, folders and videos with a trained model (colour masks, overlays, ids)",
+                _predict_args, _predict_run),
+    "export": ("export a trained model to ONNX or TorchScript (fixed input size, methods folded)", _export_args,
+               _export_run),
     "fisher": ("FisherTune stages 1-2 alone: DR-FIM scores, selection and plots", _fisher_args, _fisher_run),
+    "compare": ("run or collect several methods on one protocol and write the comparison table", _compare_args,
+                _compare_run),
     "demo": ("run the built-in end-to-end demo on CPU (synthetic domains)", _demo_args, _demo_run),
 }
 

@@ -33,6 +33,12 @@ __all__ = [
     "MethodConfig",
     "ReinConfig",
     "FisherTuneConfig",
+    "LoRAConfig",
+    "VPTConfig",
+    "AdaptFormerConfig",
+    "VQTConfig",
+    "ChildTuneConfig",
+    "DEFAULT_BACKBONE_LR_MULT",
     "DatasetConfig",
     "DataConfig",
     "TrainConfig",
@@ -150,14 +156,90 @@ class FisherTuneConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA (Hu et al., ICLR 2022) through Hugging Face ``peft`` (dgss.tuning.lora)."""
+
+    # r = 8 on the fused qkv projection of every block: 786,432 parameters on DINOv2-L, the 0.79M of the
+    # LoRA row in Rein's Table 1 (and FisherTune's); alpha = r (the LoRA paper sets alpha to the first r it
+    # tries and does not tune it), i.e. a scaling of 1; no dropout.
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    # projections of every block: qkv (fused, or EVA's q/k/v_proj), proj, fc1 (SwiGLU: fc1_g and fc1_x), fc2
+    targets: list[str] = field(default_factory=lambda: ["qkv"])
+
+
+@dataclass
+class VPTConfig:
+    """VPT-deep (Jia et al., ECCV 2022): prompt tokens prepended before every layer, dropped after it."""
+
+    num_tokens: int = 150  # per layer, as the Rein authors used (3.69M on DINOv2-L)
+    # prompts are drawn from U(-v, v), v = sqrt(6 / (3 * patch^2 + C)) (VPT's Xavier-uniform init with
+    # the patch embedding's fan-in); 0 gives zero prompts
+    init: Literal["xavier", "zeros"] = "xavier"
+    dropout: float = 0.0  # on the prompts (VPT's prompt dropout; 0.0 in the Rein baseline)
+
+
+@dataclass
+class AdaptFormerConfig:
+    """AdaptFormer (Chen et al., NeurIPS 2022): a parallel bottleneck adapter on every MLP."""
+
+    bottleneck: int = 64  # AdaptFormer's default (3.17M on DINOv2-L)
+    scale: float = 0.1  # s, fixed (AdaptFormer's default for ViTs)
+    dropout: float = 0.0
+
+
+@dataclass
+class VQTConfig:
+    """Visual Query Tuning (Tu et al., CVPR 2023): per-layer query tokens read each frozen layer."""
+
+    num_tokens: int = 10  # T query tokens per layer (see dgss.tuning.vqt for the choice)
+
+
+@dataclass
+class ChildTuneConfig:
+    """Child-Tuning (Xu et al., EMNLP 2021): gradients of a child network only (dgss.tuning.childtune)."""
+
+    # ChildTuning-F: each step every backbone gradient entry is kept with probability p_f and rescaled by
+    # 1 / p_f (the paper searches p_F in {0.2, 0.3, 0.4}; 0.3 is the middle)
+    p_f: float = 0.3
+    # ChildTuning-D: the top p_d of the backbone's entries by Fisher information are the child network
+    # (the paper searches p_D in {0.1, 0.2, 0.3}; 0.2 is the middle)
+    p_d: float = 0.2
+    # ChildTuning-D's Fisher: source batches at the pretrained weights (the paper uses one pass over the
+    # training set; 100 batches is FisherTune's budget, so both rank from the same data)
+    num_batches: int = 100
+    warmup_iters: int = 0  # head-only iterations before the Fisher (the paper has none)
+    eligible: Optional[list[str]] = None  # fnmatch patterns on backbone parameter names; None: all
+
+
+# name -> the backbone lr multiplier a method gets when method.backbone_lr_mult is not set. Full
+# fine-tuning collapses at lr x 1 (the Rein authors' finding, protocols.md); ChildTune-F is full
+# fine-tuning with a random gradient mask, so it gets the same.
+DEFAULT_BACKBONE_LR_MULT = {"full": 0.1, "childtune-f": 0.1}
+
+
+@dataclass
 class MethodConfig:
     """Which tuning method adapts the backbone, and its options."""
 
-    name: str = "frozen"  # frozen | full | rein | fishertune | lora | vpt | adaptformer | vqt | childtune
-    backbone_lr_mult: float = 1.0  # full fine-tuning uses 0.1 (Rein authors)
+    # frozen | full | rein | fishertune | lora | vpt | adaptformer | vqt | childtune-f | childtune-d
+    name: str = "frozen"
+    # lr multiplier of the pretrained backbone's trainable tensors; null: the method's default
+    # (DEFAULT_BACKBONE_LR_MULT: 0.1 for full and childtune-f, else 1.0), resolved when the config is built
+    backbone_lr_mult: Optional[float] = None
     rein: ReinConfig = field(default_factory=ReinConfig)
     fishertune: FisherTuneConfig = field(default_factory=FisherTuneConfig)
-    options: dict[str, Any] = field(default_factory=dict)  # options of the other methods
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    vpt: VPTConfig = field(default_factory=VPTConfig)
+    adaptformer: AdaptFormerConfig = field(default_factory=AdaptFormerConfig)
+    vqt: VQTConfig = field(default_factory=VQTConfig)
+    childtune: ChildTuneConfig = field(default_factory=ChildTuneConfig)
+    options: dict[str, Any] = field(default_factory=dict)  # options of methods added outside dgss
+
+    def __post_init__(self) -> None:
+        if self.backbone_lr_mult is None:
+            self.backbone_lr_mult = DEFAULT_BACKBONE_LR_MULT.get(self.name, 1.0)
 
 
 @dataclass

@@ -32,6 +32,12 @@ METHODS: dict[str, Callable] = {
     "full": _full,
     "rein": _lazy(".rein", "build_rein"),
     "fishertune": _lazy(".fishertune", "build_fishertune"),
+    "lora": _lazy(".lora", "build_lora"),
+    "vpt": _lazy(".vpt", "build_vpt"),
+    "adaptformer": _lazy(".adaptformer", "build_adaptformer"),
+    "vqt": _lazy(".vqt", "build_vqt"),
+    "childtune-f": _lazy(".childtune", "build_childtune_f"),
+    "childtune-d": _lazy(".childtune", "build_childtune_d"),
 }
 
 

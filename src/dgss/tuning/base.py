@@ -17,7 +17,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 from torch import nn
 
-__all__ = ["TuningMethod", "NO_DECAY_KEYWORDS", "decay_groups", "count_trainable"]
+__all__ = ["TuningMethod", "NO_DECAY_KEYWORDS", "decay_groups", "count_trainable", "require_token_backbone"]
 
 # Parameter-name fragments that get no weight decay (rein.md: tokens, scale, norms, query and
 # level embeddings; plus the position/class/register embeddings of the backbone).
@@ -59,6 +59,16 @@ def decay_groups(
 
 def count_trainable(params: Iterable[nn.Parameter]) -> int:
     return sum(p.numel() for p in params if p.requires_grad)
+
+
+def require_token_backbone(backbone, method: str, layouts: tuple[str, ...] = ("nlc", "nhwc")) -> None:
+    """Raise a clear error when ``method`` (which works on transformer tokens) meets a backbone whose
+    blocks have another token layout (a CNN, or SAM's B x H x W x C grid for methods that add tokens)."""
+    if backbone.token_layout not in layouts:
+        kinds = {"nlc": "ViT", "nhwc": "SAM", "nchw": "CNN"}
+        allowed = ", ".join(kinds[layout] for layout in layouts)
+        raise ValueError(f"method '{method}' needs a transformer backbone ({allowed}); '{backbone.name}' is a "
+                         f"{kinds.get(backbone.token_layout, backbone.token_layout)}")
 
 
 class TuningMethod(nn.Module):
@@ -139,8 +149,9 @@ class Frozen(TuningMethod):
 
 
 class Full(TuningMethod):
-    """Every backbone parameter trains (backbone lr x ``backbone_lr_mult``, 0.1 by default, which the
-    Rein authors found necessary: at lr x 1 full fine-tuning collapses)."""
+    """Every backbone parameter trains, at lr x ``method.backbone_lr_mult``, which defaults to 0.1 for
+    ``full`` (dgss.config.DEFAULT_BACKBONE_LR_MULT): the Rein authors found that at lr x 1 full
+    fine-tuning collapses. The backbone runs in train mode (its drop-path applies)."""
 
     name = "full"
     freeze_backbone_mode = False

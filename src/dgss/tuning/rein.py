@@ -243,7 +243,21 @@ class Rein(TuningMethod):
 
     def head_queries(self) -> torch.Tensor:
         """M x Q queries for the head. Input-independent; the segmentor calls this once per forward.
-        CNNs: the sum of the stages' queries."""
+        CNNs: the sum of the stages' queries.
+
+        In eval mode without autograd (inference, sliding windows) they are computed once and reused:
+        the cache is keyed on every parameter's storage, dtype and version counter, so a checkpoint
+        load, an optimizer step, ``.to()`` or ``.half()`` recomputes them (issue 11). Not while tracing
+        or compiling: an exported graph computes them from the parameters."""
+        if self.training or torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return self._compute_queries()
+        key = tuple((p.data_ptr(), p.dtype, p.device, p._version) for p in self.parameters())
+        cached = getattr(self, "_query_cache", None)
+        if cached is None or cached[0] != key:
+            cached = self._query_cache = (key, self._compute_queries())
+        return cached[1]
+
+    def _compute_queries(self) -> torch.Tensor:
         queries = [group.queries() for group in self.reins_groups]
         return queries[0] if len(queries) == 1 else torch.stack(queries).sum(0)
 

@@ -160,8 +160,9 @@ def run_fisher(cfg, *, device: Optional[str] = None, out_dir=None) -> dict[str, 
     method.keep_scores = True
     trainer = _HeadWarmupTrainer(cfg, model, build_train_loader(cfg), device)
     warmup = cfg.method.fishertune.warmup_iters
-    optimizer = torch.optim.AdamW(model.parameter_groups(cfg.train.lr, cfg.train.weight_decay,
-                                                         cfg.method.backbone_lr_mult), betas=tuple(cfg.train.betas))
+    lr_mult = 1.0 if cfg.method.backbone_lr_mult is None else cfg.method.backbone_lr_mult
+    optimizer = torch.optim.AdamW(model.parameter_groups(cfg.train.lr, cfg.train.weight_decay, lr_mult),
+                                  betas=tuple(cfg.train.betas))
     schedule = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=max(warmup, 1), power=cfg.train.poly_power)
     model.train()
     for iteration in range(warmup):

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 __all__ = ["selection_count", "tuned_fraction", "active_count", "Selection", "rank_top_entries",
-           "random_scores", "rerank_inactive"]
+           "random_scores", "rerank_inactive", "selected_mask"]
 
 
 def selection_count(num_eligible: int, fraction: float) -> int:

@@ -1,0 +1,250 @@
+"""Training-step cost of every tuning method, as ratios measured in one run (not a test).
+
+    python benchmarks/bench_methods.py                   # ViT-L width (1024, 16 heads), 4 blocks, 512, batch 1
+    python benchmarks/bench_methods.py --batch 2         # the issue's batch (about twice the time)
+    python benchmarks/bench_methods.py --quick           # 2 blocks at 256: a smoke run of a minute or two
+
+Methods: Frozen, Rein, FisherTune (random selection, all of delta_max active: its worst case), LoRA,
+VPT-deep and Full, on a DINOv2-L-shaped backbone (random weights; speed does not depend on them) with
+the real Mask2Former head. For each:
+
+* backbone part: ``forward_features`` + backward of the features with a fixed random cotangent (what
+  the head would send) + the optimizer step of the method's own and trainable backbone tensors;
+* whole step: ``model.loss`` + backward + AdamW over every trainable tensor (the head included);
+* "limit": the floor for any adapter on a frozen backbone, measured in the same run: the backbone
+  forward + a backward that computes activation gradients only (every backbone parameter has
+  requires_grad False; the input image requires grad, so the gradient flows through every block).
+
+Times are medians of ``--repeats`` runs after ``--warmup`` runs, the methods interleaved within each
+repeat (so a load change hits all of them alike). Peak memory (CPU) is measured in a fresh subprocess
+per method: the peak resident set (VmHWM, reset through /proc/self/clear_refs once the model, optimizer
+and inputs are built) after two backbone parts (then after two whole steps) minus the resident set at
+that reset; it therefore counts activations, gradients
+and optimizer state, not the weights. On a GPU (``--device cuda``) ``max_memory_allocated`` is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from dgss.config import load_config
+from dgss.models.segmentor import build_segmentor
+
+METHODS = ("frozen", "rein", "fishertune", "lora", "vpt", "full")
+
+
+def build(args, method: str, device):
+    overrides = [f"method.name={method}", f"model.backbone={args.backbone}", f"model.img_size={args.img}",
+                 f"model.backbone_kwargs={{depth: {args.depth}}}", "method.fishertune.selection=random"]
+    torch.manual_seed(0)
+    model = build_segmentor(load_config(overrides=overrides)).to(device)
+    if method == "fishertune":
+        model.method.select(None)  # random top-K (the ranking's cost is the estimate, measured elsewhere)
+        model.method.num_active.fill_(model.method.capacity)  # worst case: all of delta_max active
+    model.train()
+    head_ids = {id(p) for p in model.head.parameters()}
+    groups = model.parameter_groups(1e-4, 0.05)
+    backbone_groups = [dict(g, params=[p for p in g["params"] if id(p) not in head_ids]) for g in groups]
+    backbone_groups = [g for g in backbone_groups if g["params"]]
+    whole_opt = torch.optim.AdamW(groups)
+    backbone_opt = torch.optim.AdamW(backbone_groups) if backbone_groups else None
+    return model, whole_opt, backbone_opt
+
+
+def inputs(args, device):
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch, 3, args.img, args.img, generator=gen).to(device)
+    labels = torch.randint(0, 19, (args.batch, args.img, args.img), generator=gen).to(device)
+    return images, labels
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def backbone_part(model, opt, images, cotangents):
+    feats = model.forward_features(images)
+    if feats[0].requires_grad:
+        torch.autograd.backward(feats, cotangents)
+    if opt is not None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def limit_part(model, images, cotangents):
+    """Forward + activation-gradient-only backward of the frozen backbone (the adapter floor)."""
+    x = images.detach().requires_grad_(True)
+    feats = model.backbone(x)
+    torch.autograd.backward(feats, cotangents)
+
+
+def whole_step(model, opt, images, labels):
+    loss = model.loss(images, labels)["loss"]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def optimizer_state_bytes(opt) -> int:
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for k, v in s.items()
+               if torch.is_tensor(v) and k != "step")
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    """The resident set ("VmRSS") or its high-water mark ("VmHWM") of this process, in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current resident set (Linux >= 4.0), so that the build's own peak does not
+    count."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def memory_child(args) -> None:
+    """One method in this (fresh) process: peak memory over the built model, as JSON on stdout."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    name = args.memory_child
+    if name == "limit":
+        model, whole_opt, backbone_opt = build(args, "frozen", device)
+    else:
+        model, whole_opt, backbone_opt = build(args, name, device)
+    images, labels = inputs(args, device)
+    with torch.no_grad():
+        cotangents = [torch.randn_like(f) for f in model.backbone(images)]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        peak = lambda: torch.cuda.max_memory_allocated() - base  # noqa: E731
+    else:
+        reset_peak_rss()
+        base = rss_bytes()
+        peak = lambda: rss_bytes("VmHWM") - base  # noqa: E731
+    result = {}
+    for _ in range(2):
+        if name == "limit":
+            limit_part(model, images, cotangents)
+        else:
+            backbone_part(model, backbone_opt, images, cotangents)
+    result["backbone"] = peak()
+    if name != "limit":
+        for _ in range(2):
+            whole_step(model, whole_opt, images, labels)
+        result["whole"] = peak()
+        result["state_whole"] = optimizer_state_bytes(whole_opt)
+        result["state_backbone"] = optimizer_state_bytes(backbone_opt) if backbone_opt is not None else 0
+    print("RESULT " + json.dumps(result))
+
+
+def measure_memory(args) -> dict:
+    out = {}
+    for name in ("limit",) + METHODS:
+        cmd = [sys.executable, __file__, "--memory-child", name, *args.forward]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+        out[name] = json.loads(line[len("RESULT "):])
+        print(f"   memory {name:<11} done", flush=True)
+    return out
+
+
+def measure_time(args) -> dict:
+    device = torch.device(args.device)
+    models = {name: build(args, name, device) for name in METHODS}
+    images, labels = inputs(args, device)
+    with torch.no_grad():
+        cotangents = [torch.randn_like(f) for f in models["frozen"][0].backbone(images)]
+    backbone = {name: [] for name in ("limit",) + METHODS}
+    whole = {name: [] for name in METHODS}
+    for rep in range(args.warmup + args.repeats):
+        backbone["limit"].append(timed(lambda: limit_part(models["frozen"][0], images, cotangents), device))
+        for name, (model, _, opt) in models.items():
+            backbone[name].append(timed(lambda: backbone_part(model, opt, images, cotangents), device))
+        print(f"   backbone parts, run {rep + 1}/{args.warmup + args.repeats}", flush=True)
+    for rep in range(args.warmup + args.repeats):
+        for name, (model, opt, _) in models.items():
+            whole[name].append(timed(lambda: whole_step(model, opt, images, labels), device))
+        print(f"   whole steps, run {rep + 1}/{args.warmup + args.repeats}", flush=True)
+    med = lambda xs: statistics.median(xs[args.warmup:])  # noqa: E731
+    return {"backbone": {k: med(v) for k, v in backbone.items()}, "whole": {k: med(v) for k, v in whole.items()},
+            "raw_backbone": backbone, "raw_whole": whole}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="dinov2_l")
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--img", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="2 blocks at 256, 1 warm-up, 2 repeats")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.depth, args.img, args.warmup, args.repeats = 2, 256, 1, 2
+    args.forward = ["--backbone", args.backbone, "--depth", str(args.depth), "--img", str(args.img),
+                    "--batch", str(args.batch), "--threads", str(args.threads), "--device", args.device]
+    if args.memory_child:
+        memory_child(args)
+        return
+    torch.set_num_threads(args.threads)
+    print(f"{args.backbone} width, {args.depth} blocks, {args.img} x {args.img}, batch {args.batch}, Mask2Former head, "
+          f"{args.device}, {args.threads} threads, torch {torch.__version__}", flush=True)
+    times = measure_time(args)
+    memory = None if args.skip_memory else measure_memory(args)
+
+    b, w = times["backbone"], times["whole"]
+    print("\nmethod       backbone part          whole step           peak mem backbone / whole   optimizer state")
+    print(f"{'limit':<12} {b['limit']:6.2f} s {b['limit'] / b['full']:5.2f} x full"
+          + (f"   {'':19}{memory['limit']['backbone'] / 2**20:8.0f} MiB" if memory else ""))
+    for name in METHODS:
+        line = (f"{name:<12} {b[name]:6.2f} s {b[name] / b['full']:5.2f} x full {b[name] / b['limit']:5.2f} x limit"
+                f"   {w[name]:6.2f} s {w[name] / w['full']:5.2f} x full")
+        if memory:
+            m, f = memory[name], memory["full"]
+            line += (f"   {m['backbone'] / 2**20:7.0f} MiB ({m['backbone'] / f['backbone']:4.2f}) / "
+                     f"{m['whole'] / 2**20:6.0f} MiB ({m['whole'] / f['whole']:4.2f})"
+                     f"   backbone {m['state_backbone'] / 2**20:6.1f} MiB ({m['state_backbone'] / max(f['state_backbone'], 1):.3f}),"
+                     f" whole {m['state_whole'] / 2**20:6.1f} MiB ({m['state_whole'] / f['state_whole']:.3f})")
+        print(line)
+    print("\ntargets:")
+    print(f"   rein backbone part <= 1.05 x limit: {b['rein'] / b['limit']:.2f}")
+    if memory:
+        r, ft, f = memory["rein"], memory["fishertune"], memory["full"]
+        print(f"   rein peak <= 0.6 x full: backbone part {r['backbone'] / f['backbone']:.2f}, whole {r['whole'] / f['whole']:.2f}")
+        print(f"   fishertune peak <= 1.15 x rein: backbone part {ft['backbone'] / r['backbone']:.2f}, "
+              f"whole {ft['whole'] / r['whole']:.2f}")
+        print(f"   fishertune optimizer state <= 0.06 x full: backbone part "
+              f"{ft['state_backbone'] / f['state_backbone']:.3f}, whole {ft['state_whole'] / f['state_whole']:.3f}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"times": times, "memory": memory, "args": args.forward}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""`dgss compare`: several tuning methods on one protocol, as the papers' comparison tables print them.
+
+    dgss compare configs/frozen/dinov2-l_gtav_512.yaml --methods frozen,rein,fishertune,lora --out compare/
+    runs, paths = compare(protocol_cfg_path, ["frozen", "rein"], out_dir="compare")   # the same from Python
+
+For each method the run is found or made, in this order:
+  1. ``RUN/eval/results.json`` exists (written by ``dgss eval`` or by a previous compare): collected;
+  2. ``RUN/model_final.safetensors`` exists: evaluated on ``data.test``;
+  3. otherwise trained (:class:`dgss.engine.trainer.Trainer`) and evaluated (unless ``run=False``).
+
+Which config a method runs with: an entry ending in ``.yaml`` is a config file; for a method name, the
+published config of that method for the same protocol when there is one (``configs/<method>/<file>``
+next to the protocol's folder, e.g. ``configs/rein/dinov2-l_gtav_512.yaml``), else the protocol config
+with ``method.name=<method>`` and the run named ``<method>_<protocol>``. Overrides apply to all.
+
+The table: method, trainable backbone parameters in millions (``method.num_trainable_backbone_parameters()``
+of the model the run's config builds, on the meta device: computed, never typed), mIoU per target
+dataset and their mean (from the runs' ``results.json``), written as Markdown, CSV and a bar chart.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .config import ExperimentConfig, from_dict, load_config
+
+__all__ = ["MethodRun", "resolve_runs", "trainable_backbone_parameters", "collect_or_run", "compare",
+           "format_markdown_table", "write_csv", "plot_bars"]
+
+
+@dataclass
+class MethodRun:
+    """One row: the method's label, its resolved config and, once known, its scores."""
+
+    label: str
+    cfg: ExperimentConfig
+    params: Optional[int] = None
+    miou: dict[str, Optional[float]] = field(default_factory=dict)  # dataset -> mIoU (%), None when NaN
+    status: str = "pending"  # collected | evaluated | trained | missing
+
+    @property
+    def results_path(self) -> Path:
+        return self.cfg.run_dir / "eval" / "results.json"
+
+    @property
+    def mean(self) -> Optional[float]:
+        values = [v for v in self.miou.values() if v is not None]
+        return sum(values) / len(values) if values else None
+
+
+def _protocol_name(cfg: ExperimentConfig) -> str:
+    prefix = f"{cfg.method.name}_"
+    return cfg.name[len(prefix):] if cfg.name.startswith(prefix) else cfg.name
+
+
+def resolve_runs(config: str | os.PathLike, methods: Sequence[str], overrides: Sequence[str] = ()) -> list[MethodRun]:
+    """The configs of the methods to compare (see the module docstring)."""
+    config = Path(config)
+    protocol = load_config(config, list(overrides))
+    runs = []
+    for entry in methods:
+        if entry.endswith((".yaml", ".yml")):
+            cfg = load_config(entry, list(overrides))
+            runs.append(MethodRun(cfg.method.name, cfg))
+            continue
+        published = config.parent.parent / entry / config.name
+        if published.is_file():
+            cfg = load_config(published, list(overrides))
+        else:
+            cfg = load_config(config, [*overrides, f"method.name={entry}", f"name={entry}_{_protocol_name(protocol)}"])
+        runs.append(MethodRun(entry, cfg))
+    names = [r.cfg.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two methods resolve to the same run name: {names}")
+    return runs
+
+
+def trainable_backbone_parameters(cfg: ExperimentConfig) -> int:
+    """``num_trainable_backbone_parameters()`` of the method ``cfg`` builds, on the meta device (no
+    memory, no weights file read: the count depends on shapes only)."""
+    import torch
+
+    from .models.backbones import build_backbone
+    from .tuning import build_method
+
+    model = cfg.model
+    with torch.device("meta"):
+        backbone = build_backbone(model.backbone, weights=None, img_size=model.img_size, patch_size=model.patch_size,
+                                  out_indices=model.out_indices, **model.backbone_kwargs)
+        method = build_method(cfg.method, backbone)
+    return int(method.num_trainable_backbone_parameters())
+
+
+def _read_results(path: Path) -> dict[str, Optional[float]]:
+    data = json.loads(path.read_text())
+    return {name: entry.get("miou") for name, entry in data["datasets"].items()}
+
+
+def _run_config(run: MethodRun) -> ExperimentConfig:
+    """The config the run was trained with when it saved one (RUN/config.yaml), else the resolved one."""
+    saved = run.cfg.run_dir / "config.yaml"
+    if saved.is_file():
+        import yaml
+
+        return from_dict(ExperimentConfig, yaml.safe_load(saved.read_text()) or {}, source=str(saved))
+    return run.cfg
+
+
+def _evaluate(cfg: ExperimentConfig, model_path: Path) -> None:
+    from .engine.checkpoint import load_model_weights
+    from .engine.distributed import init_distributed
+    from .engine.evaluate import evaluate_datasets, write_results
+    from .models.segmentor import build_segmentor
+
+    ctx = init_distributed(cfg.train.device)
+    model = build_segmentor(cfg).to(ctx.device)
+    load_model_weights(model, model_path)
+    amp = cfg.train.amp if ctx.device.type == "cuda" else "none"
+    results = evaluate_datasets(model, cfg.data.test, cfg, ctx, amp=amp)
+    if ctx.is_main:
+        write_results(results, cfg.run_dir / "eval", checkpoint=str(model_path))
+
+
+def collect_or_run(run: MethodRun, *, allow_run: bool = True) -> MethodRun:
+    """Fill ``run.miou`` from its results file, evaluating or training first when needed."""
+    from .engine.trainer import FINAL_MODEL_NAME
+
+    final = run.cfg.run_dir / FINAL_MODEL_NAME
+    if run.results_path.is_file():
+        run.status = "collected"
+    elif final.is_file() and allow_run:
+        _evaluate(_run_config(run), final)
+        run.status = "evaluated"
+    elif allow_run:
+        if not run.cfg.data.test:
+            raise ValueError(f"{run.label}: data.test lists no dataset to evaluate on")
+        from .engine.trainer import Trainer
+
+        path = Trainer(run.cfg).train()
+        _evaluate(run.cfg, path)
+        run.status = "trained"
+    else:
+        run.status = "missing"
+        return run
+    run.miou = _read_results(run.results_path)
+    return run
+
+
+def _cell(value: Optional[float], digits: int = 1) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _datasets(runs: Sequence[MethodRun]) -> list[str]:
+    names: list[str] = []
+    for run in runs:
+        names += [n for n in run.miou if n not in names]
+    return names
+
+
+def format_markdown_table(runs: Sequence[MethodRun]) -> str:
+    """| method | trainable backbone params (M) | <dataset> ... | mean |, mIoU in %, one decimal."""
+    datasets = _datasets(runs)
+    lines = ["| " + " | ".join(["method", "trainable backbone params (M)", *datasets, "mean"]) + " |",
+             "|" + "---|" * (len(datasets) + 3)]
+    for run in runs:
+        params = "-" if run.params is None else f"{run.params / 1e6:.2f}"
+        cells = [_cell(run.miou.get(d)) for d in datasets]
+        lines.append("| " + " | ".join([run.label, params, *cells, _cell(run.mean)]) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(runs: Sequence[MethodRun], path: Path) -> Path:
+    """The same table at full precision (parameters as integers, mIoU as in the results files)."""
+    datasets = _datasets(runs)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "run", "trainable_backbone_params", *datasets, "mean", "status"])
+        for run in runs:
+            row = [run.miou.get(d) for d in datasets]
+            writer.writerow([run.label, run.cfg.name, run.params, *("" if v is None else v for v in row),
+                             "" if run.mean is None else run.mean, run.status])
+    return path
+
+
+def plot_bars(runs: Sequence[MethodRun], path: Path) -> Path:
+    """Grouped bars: one group per target dataset (and the mean), one bar per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [*_datasets(runs), "mean"]
+    shown = [r for r in runs if r.miou]
+    width = 0.8 / max(len(shown), 1)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(groups) * max(len(shown), 1) ** 0.5, 3.6))
+    for i, run in enumerate(shown):
+        values = [run.miou.get(g) if g != "mean" else run.mean for g in groups]
+        xs = [j + (i - (len(shown) - 1) / 2) * width for j in range(len(groups))]
+        ax.bar(xs, [0.0 if v is None else v for v in values], width, label=run.label)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel("mIoU (%)")
+    ax.legend(fontsize="small", ncols=min(len(shown), 4) or 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def compare(config: str | os.PathLike, methods: Sequence[str], *, overrides: Sequence[str] = (),
+            out_dir: str | os.PathLike = "compare", allow_run: bool = True) -> tuple[list[MethodRun], dict[str, Path]]:
+    """Collect (or make, unless ``allow_run`` is False) every method's run and write ``table.md``,
+    ``table.csv`` and ``miou.png`` to ``out_dir``. Returns the rows and those paths."""
+    runs = resolve_runs(config, methods, overrides)
+    for run in runs:
+        collect_or_run(run, allow_run=allow_run)
+        run.params = trainable_backbone_parameters(_run_config(run))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_markdown_table(runs)
+    (out / "table.md").write_text(table + "\n")
+    paths = {"markdown": out / "table.md", "csv": write_csv(runs, out / "table.csv"),
+             "chart": plot_bars(runs, out / "miou.png")}
+    return runs, paths
