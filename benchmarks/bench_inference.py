@@ -109,7 +109,8 @@ def deformable(args) -> None:
             t0 = time.perf_counter()
             fwd_bwd(compiled)()
             torch.testing.assert_close(compiled(value, shapes, locations, weights),
-                                       multi_scale_deformable_attention(value, shapes, locations, weights))
+                                       multi_scale_deformable_attention(value, shapes, locations, weights),
+                                       atol=1e-4, rtol=1e-4)  # fp32 re-association only
             print(f"   (torch.compile: first call {time.perf_counter() - t0:.0f} s)")
             fns["torch.compile(default)"] = compiled
         except Exception as exc:  # noqa: BLE001 (a benchmark reports what happened)
