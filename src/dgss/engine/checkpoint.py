@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from ..tuning.rein_checkpoint import read_model_file_metadata, save_model_file
+from ..tuning.rein_checkpoint import load_segmentor_state, read_model_file_metadata, save_model_file
 
 __all__ = [
     "CheckpointError",
@@ -49,7 +49,6 @@ __all__ = [
 ]
 
 PathLike = Union[str, os.PathLike]
-_PRETRAINED_PREFIX = "backbone.model."
 POINTER_NAME = "last"
 
 
@@ -146,15 +145,8 @@ def load_model_weights(segmentor, path: PathLike, *, check_backbone: bool = True
             raise CheckpointError(
                 f"{path} was trained on the '{name}' weights {meta.get('backbone_weights')!r}, which differ from the "
                 f"backbone weights loaded now (model.weights); point model.weights at the file it was trained on")
-    state = load_file(str(path), device="cpu")
-    try:
-        result = segmentor.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise CheckpointError(f"{path} does not fit the model the config builds: {err}") from err
-    missing = [k for k in result.missing_keys if full or not k.startswith(_PRETRAINED_PREFIX)]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(f"{path} does not fit the model the config builds (model.*, method.*): "
-                              f"missing {missing[:8]}, unexpected {result.unexpected_keys[:8]}")
+    load_segmentor_state(segmentor, load_file(str(path), device="cpu"), path, with_backbone=full,
+                         error=CheckpointError, what="the model the config builds (model.*, method.*)")
     return meta
 
 

@@ -25,7 +25,8 @@ import torch
 
 from ..config import ExperimentConfig, apply_overrides, from_dict, load_config, parse_overrides, to_dict
 from ..engine.checkpoint import CheckpointError, latest_checkpoint, load_model_weights
-from ..tuning.rein_checkpoint import OFFICIAL_REIN_PREFIX, ReinCheckpointError, read_model_file_metadata
+from ..tuning.rein_checkpoint import (OFFICIAL_REIN_PREFIX, PRETRAINED_PREFIX, ReinCheckpointError, load_segmentor_state,
+                                      read_model_file_metadata)
 
 __all__ = ["CheckpointError", "LoadedModel", "resolve_model_file", "load_segmentor"]
 
@@ -183,15 +184,9 @@ def load_segmentor(path: PathLike, *, config: ConfigLike = None, overrides: Sequ
 def _load_plain_state(model, state: dict[str, torch.Tensor], source: Path, cfg: ExperimentConfig) -> None:
     """A dgss segmentor's state dict without metadata: every key of the model must be there, except
     the pretrained backbone's when the config names a weights file for it."""
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:
-        raise CheckpointError(f"{source} does not fit the model the config builds: {err}") from err
-    has_backbone_file = any(k.startswith("backbone.model.") for k in state)
+    has_backbone_file = any(k.startswith(PRETRAINED_PREFIX) for k in state)
     if not has_backbone_file and cfg.model.weights is None:
         raise CheckpointError(f"{source} holds no pretrained backbone tensors and the config names no backbone "
                               "weights file (model.weights / --backbone-weights)")
-    missing = [k for k in result.missing_keys if has_backbone_file or not k.startswith("backbone.model.")]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(f"{source} does not fit the model the config builds: missing {missing[:8]}, "
-                              f"unexpected {result.unexpected_keys[:8]}")
+    load_segmentor_state(model, state, source, with_backbone=has_backbone_file, error=CheckpointError,
+                         what="the model the config builds")

@@ -209,7 +209,25 @@ def segmentor_from_official_rein(cfg, checkpoint: Union[str, os.PathLike, dict])
 #     rein.md says a Rein checkpoint should.
 
 MODEL_FILE_VERSION = 1
-_PRETRAINED_PREFIX = "backbone.model."
+PRETRAINED_PREFIX = "backbone.model."
+
+
+def load_segmentor_state(segmentor, state: dict, source, *, with_backbone: bool, error: type = None,
+                         what: str = "the model its config builds"):
+    """Load a segmentor state dict strictly, except that the pretrained backbone's tensors
+    (``backbone.model.*``) may be absent when ``with_backbone`` is False (they come from their own file).
+
+    Raises ``error`` (default :class:`ReinCheckpointError`) naming ``source`` on any mismatch.
+    """
+    error = error or ReinCheckpointError
+    try:
+        result = segmentor.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise error(f"{source} does not fit {what}: {err}") from err
+    missing = [k for k in result.missing_keys if with_backbone or not k.startswith(PRETRAINED_PREFIX)]
+    if missing or result.unexpected_keys:
+        raise error(f"{source} does not fit {what}: missing {missing[:8]}, unexpected {result.unexpected_keys[:8]}")
+    return result
 
 
 def save_model_file(segmentor, cfg, path: Union[str, os.PathLike], *, include_backbone: bool = True,
@@ -228,7 +246,7 @@ def save_model_file(segmentor, cfg, path: Union[str, os.PathLike], *, include_ba
             raise ReinCheckpointError(
                 f"the backbone trains {len(trained)} pretrained tensors (e.g. {trained[0]}): save the full file"
             )
-        state = {k: v for k, v in state.items() if not k.startswith(_PRETRAINED_PREFIX)}
+        state = {k: v for k, v in state.items() if not k.startswith(PRETRAINED_PREFIX)}
     metadata = {
         "format_version": MODEL_FILE_VERSION,
         "contents": "full" if include_backbone else "rein+head",
@@ -274,17 +292,7 @@ def load_model_file(path: Union[str, os.PathLike], *, backbone_weights: Optional
         )
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=weights))
     segmentor = build_segmentor(cfg)
-    state = load_file(str(path), device="cpu")
-    try:
-        result = segmentor.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise ReinCheckpointError(f"{path} does not fit the model its config builds: {err}") from err
-    missing = [k for k in result.missing_keys if full or not k.startswith(_PRETRAINED_PREFIX)]
-    if missing or result.unexpected_keys:
-        raise ReinCheckpointError(
-            f"{path} does not fit the model its config builds: missing {missing[:8]}, "
-            f"unexpected {result.unexpected_keys[:8]}"
-        )
+    load_segmentor_state(segmentor, load_file(str(path), device="cpu"), path, with_backbone=full)
     return segmentor.eval()
 
 

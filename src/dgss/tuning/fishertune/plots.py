@@ -39,12 +39,7 @@ def plot_selection_fractions(groups: dict[str, tuple[int, int]], path, title: st
     ax.set_xticklabels(labels, rotation=60 if len(labels) > 8 else 0, fontsize=8)
     ax.set_ylabel("selected (%)")
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_score_distribution(scores: dict[str, torch.Tensor], path, *, threshold: Optional[float] = None,
@@ -67,9 +62,14 @@ def plot_score_distribution(scores: dict[str, torch.Tensor], path, *, threshold:
     ax.set_xlabel("log10(score)" + (f"  ({zero} entries <= 0 not shown)" if zero else ""))
     ax.set_ylabel("entries")
     ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def _save(fig, path) -> Path:
+    """Write a figure (folders created) and free it."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
