@@ -5,8 +5,9 @@
 
 1. Sliding-window evaluation: ``Segmentor.slide_inference`` on a 512 x 1024 image (3 windows of 512,
    stride 341) against ``Segmentor.predict`` of the identical windows stacked in one batch.
-2. Rein at inference: the Rein backbone's forward against the frozen backbone's (same weights), and
-   the whole ``predict`` of each (Rein's head takes Rein's queries).
+2. Rein at inference: the Rein backbone's forward against the frozen backbone's (same weights), through
+   Rein's inference path and through its training-time equations, and the whole ``predict`` of each
+   (Rein's head takes Rein's queries).
 3. Multi-scale deformable attention at the pixel decoder's 512 shapes (levels 16^2, 32^2, 64^2, 8 heads
    of 32, 4 points, N_q = N_v = 5376): the single-``grid_sample`` default, the per-level form, the
    Python-loop reference (timed on a few queries, scaled to all) and ``torch.compile`` of the default.
@@ -21,6 +22,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -30,16 +32,24 @@ from dgss.models.mask2former.deformable_attention import (
     multi_scale_deformable_attention_per_level,
 )
 from dgss.models.segmentor import build_segmentor, sliding_windows
+from dgss.tuning import rein as rein_module
+
+
+def run_times(fns: dict, warmup: int, repeats: int) -> dict:
+    """Each function's times after the warm-up; all run once per repeat, in an order that rotates every
+    repeat (so that none always pays for what the one before it left behind: allocator, caches)."""
+    times = {k: [] for k in fns}
+    names = list(fns)
+    for rep in range(warmup + repeats):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {k: v[warmup:] for k, v in times.items()}
 
 
 def median_times(fns: dict, warmup: int, repeats: int) -> dict:
-    times = {k: [] for k in fns}
-    for _ in range(warmup + repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v[warmup:]) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in run_times(fns, warmup, repeats).items()}
 
 
 def build(args, method: str):
@@ -69,15 +79,44 @@ def rein_overhead(args) -> None:
     frozen, rein = build(args, "frozen"), build(args, "rein")
     rein.backbone.model.load_state_dict(frozen.backbone.model.state_dict())
     x = torch.randn(1, 3, args.img, args.img)
-    t = median_times({"frozen backbone": lambda: frozen.backbone(x), "rein backbone": lambda: rein.backbone(x),
-                      "frozen predict": lambda: frozen.predict(x), "rein predict": lambda: rein.predict(x),
-                      "rein queries": lambda: rein.method.head_queries()}, args.warmup, args.repeats)
+    def equations_path():
+        """The Rein backbone through ``Reins.refine``'s training-time equations (no cached operands)."""
+        with mock.patch.object(rein_module, "_inference_only", lambda: False):
+            return rein.backbone(x)
+
+    raw = run_times({"frozen backbone": lambda: frozen.backbone(x), "rein backbone": lambda: rein.backbone(x),
+                     "rein backbone, equations": equations_path,
+                     "frozen predict": lambda: frozen.predict(x), "rein predict": lambda: rein.predict(x),
+                     "rein queries": lambda: rein.method.head_queries()}, args.warmup, args.repeats)
+    t = {k: statistics.median(v) for k, v in raw.items()}
+    fastest = {k: min(v) for k, v in raw.items()}  # the least disturbed run, for a loaded machine
+
+    def overhead(name, base):
+        return (f"overhead {100 * (t[name] / t[base] - 1):+.1f}% by medians, "
+                f"{100 * (fastest[name] / fastest[base] - 1):+.1f}% by fastest runs")
+
     print(f"2. Rein at inference ({args.depth} blocks of width 1024, 1 x {args.img} x {args.img}):")
     print(f"   backbone forward: frozen {t['frozen backbone']:.3f} s, rein {t['rein backbone']:.3f} s: "
-          f"overhead {100 * (t['rein backbone'] / t['frozen backbone'] - 1):+.1f}% (target <= 5%)")
+          f"{overhead('rein backbone', 'frozen backbone')} (target <= 5%)")
+    print(f"   the same through the training-time equations: {t['rein backbone, equations']:.3f} s: "
+          f"{overhead('rein backbone, equations', 'frozen backbone')}")
     print(f"   whole predict:    frozen {t['frozen predict']:.3f} s, rein {t['rein predict']:.3f} s: "
-          f"overhead {100 * (t['rein predict'] / t['frozen predict'] - 1):+.1f}%")
+          f"{overhead('rein predict', 'frozen predict')}")
     print(f"   head_queries() in eval mode: {1e6 * t['rein queries']:.0f} us per call")
+
+    # Per layer, where the backbone's noise does not reach: one block against Rein's refinement of its
+    # output and against the refinement's floor, the C x C product of mlp_delta_f over every token.
+    tokens = torch.randn(1, 1 + (args.img // 16) ** 2, 1024)
+    block, reins = frozen.backbone.blocks[1], rein.method.reins
+    patches = tokens[:, 1:].reshape(-1, 1024)
+    floor_weight = reins._inference_operands(torch.float32)[2]
+    layer = run_times({"block": lambda: block(tokens),
+                       "refine": lambda: rein.method._refine_block_output(0, 1, block, (tokens,), tokens),
+                       "floor": lambda: patches @ floor_weight}, args.warmup, 5 * args.repeats)
+    lt = {k: statistics.median(v) for k, v in layer.items()}
+    print(f"   per layer: block {1000 * lt['block']:.1f} ms, Rein's refinement (hook) {1000 * lt['refine']:.2f} ms "
+          f"= {100 * lt['refine'] / lt['block']:.1f}% of the block; its floor, the C x C product alone, "
+          f"{1000 * lt['floor']:.2f} ms = {100 * lt['floor'] / lt['block']:.1f}%")
 
 
 def deformable(args) -> None:

@@ -3,6 +3,9 @@
     python benchmarks/bench_methods.py                   # ViT-L width (1024, 16 heads), 4 blocks, 512, batch 1
     python benchmarks/bench_methods.py --batch 2         # the issue's batch (about twice the time)
     python benchmarks/bench_methods.py --quick           # 2 blocks at 256: a smoke run of a minute or two
+    python benchmarks/bench_methods.py --methods full,rein --grad-checkpointing      # a subset, checkpointed
+    python benchmarks/bench_methods.py --methods full,full+ckpt,rein,rein+ckpt       # on/off interleaved
+    python benchmarks/bench_methods.py --methods rein,rein+compile --skip-memory     # torch.compile on/off
 
 Methods: Frozen, Rein, FisherTune (random selection, all of delta_max active: its worst case), LoRA,
 VPT-deep and Full, on a DINOv2-L-shaped backbone (random weights; speed does not depend on them) with
@@ -14,6 +17,11 @@ the real Mask2Former head. For each:
 * "limit": the floor for any adapter on a frozen backbone, measured in the same run: the backbone
   forward + a backward that computes activation gradients only (every backbone parameter has
   requires_grad False; the input image requires grad, so the gradient flows through every block).
+
+Speed options (``train.grad_checkpointing``, ``train.compile``): ``--grad-checkpointing`` and ``--compile``
+apply to every method of the run; a method written ``NAME+ckpt`` / ``NAME+compile`` (or both) gets the
+option alone, so that on and off are measured interleaved in one run. Compilation happens in the
+warm-up runs (``--warmup`` must be >= 1 with compile).
 
 Times are medians of ``--repeats`` runs after ``--warmup`` runs, the methods interleaved within each
 repeat (so a load change hits all of them alike). Peak memory (CPU) is measured in a fresh subprocess
@@ -35,12 +43,23 @@ import time
 import torch
 
 from dgss.config import load_config
+from dgss.engine.speed import compile_segmentor
 from dgss.models.segmentor import build_segmentor
 
 METHODS = ("frozen", "rein", "fishertune", "lora", "vpt", "full")
+OPTIONS = ("ckpt", "compile")
 
 
-def build(args, method: str, device):
+def parse_spec(spec: str) -> tuple[str, set[str]]:
+    """"rein+ckpt+compile" -> ("rein", {"ckpt", "compile"})."""
+    name, *options = spec.split("+")
+    if name not in METHODS or not set(options) <= set(OPTIONS):
+        raise SystemExit(f"unknown method '{spec}': NAME[+ckpt][+compile], NAME one of {', '.join(METHODS)}")
+    return name, set(options)
+
+
+def build(args, spec: str, device):
+    method, options = parse_spec(spec)
     overrides = [f"method.name={method}", f"model.backbone={args.backbone}", f"model.img_size={args.img}",
                  f"model.backbone_kwargs={{depth: {args.depth}}}", "method.fishertune.selection=random"]
     torch.manual_seed(0)
@@ -49,6 +68,10 @@ def build(args, method: str, device):
         model.method.select(None)  # random top-K (the ranking's cost is the estimate, measured elsewhere)
         model.method.num_active.fill_(model.method.capacity)  # worst case: all of delta_max active
     model.train()
+    if args.grad_checkpointing or "ckpt" in options:
+        model.backbone.set_grad_checkpointing(True)
+    if args.compile or "compile" in options:
+        compile_segmentor(model, mode=args.compile_mode, backend=args.compile_backend)
     head_ids = {id(p) for p in model.head.parameters()}
     groups = model.parameter_groups(1e-4, 0.05)
     backbone_groups = [dict(g, params=[p for p in g["params"] if id(p) not in head_ids]) for g in groups]
@@ -158,7 +181,7 @@ def memory_child(args) -> None:
 
 def measure_memory(args) -> dict:
     out = {}
-    for name in ("limit",) + METHODS:
+    for name in ("limit",) + tuple(args.methods):
         cmd = [sys.executable, __file__, "--memory-child", name, *args.forward]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
@@ -169,14 +192,15 @@ def measure_memory(args) -> dict:
 
 def measure_time(args) -> dict:
     device = torch.device(args.device)
-    models = {name: build(args, name, device) for name in METHODS}
+    models = {name: build(args, name, device) for name in args.methods}
+    limit_model = models["frozen"][0] if "frozen" in models else build(args, "frozen", device)[0]
     images, labels = inputs(args, device)
     with torch.no_grad():
-        cotangents = [torch.randn_like(f) for f in models["frozen"][0].backbone(images)]
-    backbone = {name: [] for name in ("limit",) + METHODS}
-    whole = {name: [] for name in METHODS}
+        cotangents = [torch.randn_like(f) for f in limit_model.backbone(images)]
+    backbone = {name: [] for name in ("limit",) + tuple(args.methods)}
+    whole = {name: [] for name in args.methods}
     for rep in range(args.warmup + args.repeats):
-        backbone["limit"].append(timed(lambda: limit_part(models["frozen"][0], images, cotangents), device))
+        backbone["limit"].append(timed(lambda: limit_part(limit_model, images, cotangents), device))
         for name, (model, _, opt) in models.items():
             backbone[name].append(timed(lambda: backbone_part(model, opt, images, cotangents), device))
         print(f"   backbone parts, run {rep + 1}/{args.warmup + args.repeats}", flush=True)
@@ -200,46 +224,88 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="2 blocks at 256, 1 warm-up, 2 repeats")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated subset, each NAME[+ckpt][+compile] (default: all methods)")
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="train.grad_checkpointing for every method of the run")
+    parser.add_argument("--compile", action="store_true", help="train.compile for every method of the run")
+    parser.add_argument("--compile-mode", default="default")
+    parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.depth, args.img, args.warmup, args.repeats = 2, 256, 1, 2
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for spec in args.methods:
+        parse_spec(spec)
     args.forward = ["--backbone", args.backbone, "--depth", str(args.depth), "--img", str(args.img),
-                    "--batch", str(args.batch), "--threads", str(args.threads), "--device", args.device]
+                    "--batch", str(args.batch), "--threads", str(args.threads), "--device", args.device,
+                    "--compile-mode", args.compile_mode, "--compile-backend", args.compile_backend]
+    args.forward += ["--grad-checkpointing"] * args.grad_checkpointing + ["--compile"] * args.compile
     if args.memory_child:
         memory_child(args)
         return
     torch.set_num_threads(args.threads)
+    options = [o for o, on in (("grad checkpointing", args.grad_checkpointing),
+                                (f"compile ({args.compile_backend}, {args.compile_mode})", args.compile)) if on]
     print(f"{args.backbone} width, {args.depth} blocks, {args.img} x {args.img}, batch {args.batch}, Mask2Former head, "
-          f"{args.device}, {args.threads} threads, torch {torch.__version__}", flush=True)
+          f"{args.device}, {args.threads} threads, torch {torch.__version__}"
+          + (f", {' + '.join(options)} for every method" if options else ""), flush=True)
     times = measure_time(args)
     memory = None if args.skip_memory else measure_memory(args)
 
     b, w = times["backbone"], times["whole"]
-    print("\nmethod       backbone part          whole step           peak mem backbone / whole   optimizer state")
-    print(f"{'limit':<12} {b['limit']:6.2f} s {b['limit'] / b['full']:5.2f} x full"
-          + (f"   {'':19}{memory['limit']['backbone'] / 2**20:8.0f} MiB" if memory else ""))
-    for name in METHODS:
-        line = (f"{name:<12} {b[name]:6.2f} s {b[name] / b['full']:5.2f} x full {b[name] / b['limit']:5.2f} x limit"
-                f"   {w[name]:6.2f} s {w[name] / w['full']:5.2f} x full")
+    ref = "full" if "full" in args.methods else None  # ratios "x full" need the plain Full in the run
+
+    def vs_full(table, name):
+        return f"{table[name] / table[ref]:5.2f} x full" if ref else " " * 12
+
+    print("\nmethod       backbone part                      whole step             peak mem backbone / whole"
+          "       optimizer state")
+    print(f"{'limit':<12} {b['limit']:6.2f} s {vs_full(b, 'limit')}"
+          + (f"   {'':32}{memory['limit']['backbone'] / 2**20:8.0f} MiB" if memory else ""))
+    for name in args.methods:
+        line = (f"{name:<12} {b[name]:6.2f} s {vs_full(b, name)} {b[name] / b['limit']:5.2f} x limit"
+                f"   {w[name]:6.2f} s {vs_full(w, name)}")
         if memory:
-            m, f = memory[name], memory["full"]
-            line += (f"   {m['backbone'] / 2**20:7.0f} MiB ({m['backbone'] / f['backbone']:4.2f}) / "
-                     f"{m['whole'] / 2**20:6.0f} MiB ({m['whole'] / f['whole']:4.2f})"
-                     f"   backbone {m['state_backbone'] / 2**20:6.1f} MiB ({m['state_backbone'] / max(f['state_backbone'], 1):.3f}),"
-                     f" whole {m['state_whole'] / 2**20:6.1f} MiB ({m['state_whole'] / f['state_whole']:.3f})")
+            m = memory[name]
+            f = memory[ref] if ref else None
+            def rel(key, fmt="4.2f"):
+                return f" ({m[key] / max(f[key], 1):{fmt}})" if f else ""
+
+            line += (f"   {m['backbone'] / 2**20:7.0f} MiB{rel('backbone')} / "
+                     f"{m['whole'] / 2**20:6.0f} MiB{rel('whole')}"
+                     f"   backbone {m['state_backbone'] / 2**20:6.1f} MiB{rel('state_backbone', '.3f')},"
+                     f" whole {m['state_whole'] / 2**20:6.1f} MiB{rel('state_whole', '.3f')}")
         print(line)
-    print("\ntargets:")
-    print(f"   rein backbone part <= 1.05 x limit: {b['rein'] / b['limit']:.2f}")
-    if memory:
+    variants = [(spec, parse_spec(spec)[0]) for spec in args.methods if "+" in spec]
+    variants = [(spec, base) for spec, base in variants if base in args.methods]
+    if variants:
+        print("\noption on / off (same method, interleaved):")
+        for spec, base in variants:
+            line = f"   {spec:<20} time: backbone part {b[spec] / b[base]:.2f} x, whole step {w[spec] / w[base]:.2f} x"
+            if memory:
+                m, o = memory[spec], memory[base]
+                line += (f"; peak memory: backbone part {m['backbone'] / o['backbone']:.2f} x, "
+                         f"whole step {m['whole'] / o['whole']:.2f} x")
+            print(line)
+    targets = []
+    if "rein" in args.methods:
+        targets.append(f"   rein backbone part <= 1.05 x limit: {b['rein'] / b['limit']:.2f}")
+    if memory and {"rein", "fishertune", "full"} <= set(args.methods):
         r, ft, f = memory["rein"], memory["fishertune"], memory["full"]
-        print(f"   rein peak <= 0.6 x full: backbone part {r['backbone'] / f['backbone']:.2f}, whole {r['whole'] / f['whole']:.2f}")
-        print(f"   fishertune peak <= 1.15 x rein: backbone part {ft['backbone'] / r['backbone']:.2f}, "
-              f"whole {ft['whole'] / r['whole']:.2f}")
-        print(f"   fishertune optimizer state <= 0.06 x full: backbone part "
-              f"{ft['state_backbone'] / f['state_backbone']:.3f}, whole {ft['state_whole'] / f['state_whole']:.3f}")
+        targets += [
+            f"   rein peak <= 0.6 x full: backbone part {r['backbone'] / f['backbone']:.2f}, "
+            f"whole {r['whole'] / f['whole']:.2f}",
+            f"   fishertune peak <= 1.15 x rein: backbone part {ft['backbone'] / r['backbone']:.2f}, "
+            f"whole {ft['whole'] / r['whole']:.2f}",
+            f"   fishertune optimizer state <= 0.06 x full: backbone part "
+            f"{ft['state_backbone'] / f['state_backbone']:.3f}, whole {ft['state_whole'] / f['state_whole']:.3f}"]
+    if targets:
+        print("\ntargets:")
+        print("\n".join(targets))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"times": times, "memory": memory, "args": args.forward}, fh, indent=1)

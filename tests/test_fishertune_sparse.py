@@ -2,13 +2,15 @@
 bit-identical under AdamW, optimizer state proportional to the selected count, merging."""
 
 import copy
+import gc
 
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from dgss.config import FisherTuneConfig
 from dgss.models.backbones import build_backbone
-from dgss.tuning.fishertune import FisherTune
+from dgss.tuning.fishertune import FisherTune, sparse
 from dgss.tuning.fishertune.selection import active_count
 
 
@@ -149,3 +151,194 @@ def test_merge_into_dense_gives_the_same_model_without_hooks():
     for name, p in model.backbone.model.named_parameters():
         assert torch.equal(p, expected[name])
     torch.testing.assert_close(model(images), before)
+
+
+# ---------------------------------------------------------------- dense weights rebuilt in backward
+
+
+def trained_method(backbone, active_frac=0.7):
+    """A method with every eligible tensor selected (delta_max 0.5) and non-zero deltas."""
+    method = attached(backbone, delta_min=0.5, delta_max=0.5)
+    method.select(None, seed=0)
+    method.num_active.fill_(int(method.capacity * active_frac))
+    with torch.no_grad():
+        method.delta.normal_(0, 0.1)
+    return method
+
+
+def grads_of(backbone, method, images):
+    """d(loss)/d(delta) and d(loss)/d(images) for a fixed linear loss of the features."""
+    x = images.clone().requires_grad_(True)
+    feats = backbone(x)
+    gen = torch.Generator().manual_seed(1)
+    loss = sum((f * torch.randn(f.shape, generator=gen)).sum() for f in feats)
+    return torch.autograd.grad(loss, [method.delta, x])
+
+
+def reference_grads(backbone, method, images):
+    """The same gradients with the dense weights as ordinary graph tensors, put in place for the
+    whole pass with the injector idle: what the layers computed when they kept the dense weight."""
+    chunks = method._delta_chunks()
+    originals = [t.module._parameters[t.attr] for t in method.tensors]
+    for t, p, chunk in zip(method.tensors, originals, chunks):
+        t.module._parameters[t.attr] = sparse.apply_delta(p, *chunk)
+    method._suspended = True  # provider() -> None: no swap, no saved-tensor hooks
+    try:
+        return grads_of(backbone, method, images)
+    finally:
+        method._suspended = False
+        for t, p in zip(method.tensors, originals):
+            t.module._parameters[t.attr] = p
+
+
+@pytest.fixture
+def dense_weights_made(monkeypatch):
+    """Weak references to the memory of every dense weight ``apply_delta`` makes (to the storage, not
+    the tensor: a layer may save a view or an alias of the weight, which keeps only the storage)."""
+    made = []
+    real = sparse.apply_delta
+
+    def recording(*args):
+        out = real(*args)
+        made.append(StorageWeakRef(out.untyped_storage()))
+        return out
+
+    monkeypatch.setattr(sparse, "apply_delta", recording)
+    return made
+
+
+def forward_then_backward(backbone, method, images, made):
+    """Gradients as in :func:`grads_of`, and how many dense weights were still alive between the
+    forward pass and backward."""
+    x = images.clone().requires_grad_(True)
+    made.clear()
+    feats = backbone(x)
+    gc.collect()
+    alive = sum(not ref.expired() for ref in made)
+    assert len(made) > 0
+    gen = torch.Generator().manual_seed(1)
+    loss = sum((f * torch.randn(f.shape, generator=gen)).sum() for f in feats)
+    return alive, torch.autograd.grad(loss, [method.delta, x])
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_dense_weights_do_not_outlive_their_layer_and_gradients_are_bit_identical(dense_weights_made, checkpointing):
+    torch.manual_seed(0)
+    backbone = tiny_backbone()
+    method = trained_method(backbone)
+    assert all(c > 0 for c in method.tensor_counts.tolist())  # every tensor is swapped
+    images = torch.randn(2, 3, 32, 32)
+    expected = reference_grads(backbone, method, images)
+    backbone.set_grad_checkpointing(checkpointing)  # non-reentrant (timm's default)
+    alive, grads = forward_then_backward(backbone, method, images, dense_weights_made)
+    assert alive == 0  # the graph holds recipes, not dense weights
+    # Bit-identical: the rebuilt weight is the same index_add of the same operands (each selected
+    # entry written once), and backward then runs the same kernels on the same values.
+    for got, want in zip(grads, expected):
+        assert torch.equal(got, want)
+
+
+def test_the_weights_saved_by_linear_conv_layer_norm_and_layer_scale_become_recipes():
+    backbone = tiny_backbone()
+    method = trained_method(backbone)
+    names = {id(p): n for n, p in backbone.model.named_parameters()}
+    packed, pack = [], method.injector._pack
+
+    def recording_pack(saved):
+        out = pack(saved)
+        if isinstance(out[0], sparse._DenseRecipe):
+            packed.append(names[id(out[0].pretrained)])
+        return out
+
+    method.injector._pack = recording_pack  # read when the hooks are installed, per pass
+    sum(f.sum() for f in backbone(torch.randn(1, 3, 32, 32))).backward()
+    assert {"patch_embed.proj.weight",  # F.conv2d
+            "blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.weight",  # F.linear (saves weight.t())
+            "blocks.0.norm1.weight",  # F.layer_norm
+            "blocks.1.ls2.gamma",  # LayerScale: x * gamma
+            } <= set(packed)
+    assert "cls_token" not in packed and "pos_embed" not in packed  # cat and add save neither
+
+
+def test_a_block_called_twice_in_one_pass(dense_weights_made):
+    torch.manual_seed(0)
+    backbone = tiny_backbone()
+    backbone.model.blocks[1] = backbone.model.blocks[0]  # one module, two calls per pass
+    method = trained_method(backbone)
+    images = torch.randn(2, 3, 32, 32)
+    expected = reference_grads(backbone, method, images)
+    alive, grads = forward_then_backward(backbone, method, images, dense_weights_made)
+    assert alive == 0
+    for got, want in zip(grads, expected):
+        assert torch.equal(got, want)
+
+
+class SavedTensorRecorder(torch.autograd.graph.saved_tensors_hooks):
+    """Counts the tensors saved under it that reach it (innermost saved-tensor hooks win)."""
+
+    def __init__(self):
+        self.count = 0
+
+        def pack(t):
+            self.count += 1
+            return t
+
+        super().__init__(pack, lambda t: t)
+
+
+def test_saved_tensor_hooks_are_installed_only_while_there_are_chunks():
+    backbone = tiny_backbone()
+    method = attached(backbone)  # not selected yet: provider() -> None
+    ours, pack = [], method.injector._pack
+    method.injector._pack = lambda t: ours.append(1) or pack(t)
+    images = torch.randn(1, 3, 32, 32, requires_grad=True)
+    outer = SavedTensorRecorder()
+    with outer:
+        backbone(images)
+    assert outer.count > 0 and not ours  # no hooks of ours in between
+    method.select(None)
+    method.num_active.fill_(method.capacity)
+    backbone(images)
+    assert ours
+
+
+def test_an_exception_in_a_layer_restores_the_parameters_and_removes_the_hooks():
+    backbone = tiny_backbone()
+    method = trained_method(backbone)
+    injector, pack_calls, pack = method.injector, [], method.injector._pack
+    injector._pack = lambda t: pack_calls.append(1) or pack(t)
+
+    def fail(*args):
+        raise ValueError("boom")
+
+    backbone.model.blocks[1].mlp.fc2.forward = fail
+    with pytest.raises(ValueError, match="boom"):
+        backbone(torch.randn(1, 3, 32, 32))
+    assert all(isinstance(p, torch.nn.Parameter) for m in backbone.model.modules() for p in m._parameters.values())
+    assert not injector._recipes and not injector._swapped and not injector._pass_hooks
+    pack_calls.clear()
+    torch.randn(3, requires_grad=True).exp()  # exp saves its result: would reach a leaked hook
+    assert not pack_calls
+
+
+def test_rebuilding_refuses_a_pretrained_tensor_changed_after_the_forward_pass():
+    backbone = tiny_backbone()
+    method = trained_method(backbone)
+    loss = sum(f.square().sum() for f in backbone(torch.randn(1, 3, 32, 32)))
+    with torch.no_grad():
+        backbone.model.blocks[1].mlp.fc2.weight.add_(1.0)  # the dense copy would have hidden this
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, [method.delta])
+
+
+@pytest.mark.parametrize("selected", [False, True])
+def test_an_activation_changed_in_place_before_backward_is_still_an_error(selected):
+    # Under saved-tensor hooks autograd skips its version check; the injector's hooks do it instead.
+    backbone = tiny_backbone()
+    method = trained_method(backbone) if selected else attached(backbone)  # with/without our hooks
+    images = torch.randn(1, 3, 32, 32, requires_grad=True)
+    loss = sum(f.square().sum() for f in backbone(images))
+    with torch.no_grad():
+        images.add_(1.0)  # saved by the patch embedding (its input)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, [images])

@@ -135,6 +135,46 @@ def test_one_layer_forward_equals_the_equations():
     for layer in range(3):
         expected = reference_block_output(reins, layer, feats, num_prefix=0)
         torch.testing.assert_close(reins.refine(feats, layer), expected)
+        with torch.no_grad():  # the rearranged inference path (cached operands)
+            torch.testing.assert_close(reins.refine(feats, layer), expected.detach())
+
+
+def test_inference_path_follows_parameter_changes_and_plain_tokens():
+    reins = Reins(2, 16, num_tokens=5, lora_rank=None, query_dim=8)
+    randomize_(reins)
+    feats = torch.randn(3, 6, 16)
+    with torch.no_grad():
+        first = reins.refine(feats, 1)
+        for parameter in (reins.scale, reins.mlp_delta_f.bias, reins.mlp_token2feat.weight, reins.learnable_tokens):
+            parameter.mul_(0.5)  # in place, as an optimizer step or a checkpoint load does
+            changed = reins.refine(feats, 1)
+            assert not torch.allclose(changed, first)
+            torch.testing.assert_close(changed, _equations_plain(reins, feats, 1))
+            first = changed
+
+
+def _equations_plain(reins, feats, layer):
+    T = reins.learnable_tokens[layer]
+    W1, b1, W2, b2 = reins.mlp_token2feat.weight, reins.mlp_token2feat.bias, reins.mlp_delta_f.weight, reins.mlp_delta_f.bias
+    return equations_refine(feats.transpose(0, 1), T, torch.eye(T.shape[-1]), W1, b1, W2, b2, reins.scale).transpose(0, 1)
+
+
+def test_inference_path_under_bf16_autocast_keeps_the_residual_stream_exact():
+    reins = Reins(2, 32, num_tokens=5, lora_rank=4, query_dim=8)
+    randomize_(reins, std=0.2)
+    with torch.no_grad():
+        reins.scale.fill_(1e-3)  # the initial scale: the refinement is small against f
+    feats = 10 * torch.randn(2, 9, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained_path = reins.refine(feats, 0)  # autograd on: the equations as written
+        with torch.no_grad():
+            inference_path = reins.refine(feats, 0)
+    assert inference_path.dtype == trained_path.dtype == torch.float32
+    refinement = (trained_path - feats).abs().max()
+    assert refinement > 5e-3  # not negligible here
+    # Both round their products to bf16 (relative 2^-8 of the refinement); f itself is not rounded,
+    # which would cost up to 10 x 2^-9 = 0.02 here.
+    torch.testing.assert_close(inference_path, trained_path.detach(), rtol=0, atol=0.02 * refinement.item())
 
 
 def test_features_and_next_block_see_the_refined_tokens_and_registers_bypass():

@@ -325,6 +325,16 @@ class TrainConfig:
     # a method's queries with a head that takes none); false saves a graph traversal per step when
     # every trainable parameter always gets a gradient
     find_unused_parameters: bool = True
+    # activation checkpointing of every backbone block (timm's, non-reentrant): only block inputs are
+    # stored and each block is run again in the backward pass, i.e. about one extra backbone forward
+    # per step for far less backbone activation memory (the head's is unchanged); same losses and
+    # gradients. The speed options may change when resuming.
+    grad_checkpointing: bool = False
+    # torch.compile of the backbone and the head, in place (state-dict keys and checkpoints unchanged)
+    # and before DDP wraps the model; the first steps (and each new input shape) pay the compilation
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    compile_backend: str = "inductor"  # torch.compile backend; "aot_eager"/"eager" to debug a failure
 
 
 @dataclass

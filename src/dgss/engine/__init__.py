@@ -6,7 +6,8 @@
 
 Submodules: ``trainer`` (the loop), ``checkpoint`` (atomic files, model weights, resume state),
 ``data_stream`` (resumable batches), ``optim`` (AdamW, state by name), ``schedule`` (poly + warm-up),
-``distributed`` (torchrun processes), ``evaluate`` (mIoU reports), ``logging``, ``metrics``.
+``distributed`` (torchrun processes), ``evaluate`` (mIoU reports), ``speed`` (activation checkpointing,
+torch.compile), ``logging``, ``metrics``.
 Imports are lazy so that ``dgss.engine.metrics`` stays light.
 """
 

@@ -10,7 +10,8 @@ reduced over processes. ``cfg.train.batch_size`` is per process (and micro-batch
 Tuning methods get the trainer in ``method.on_train_iteration(iteration, trainer)`` before every
 iteration (also the first one after a resume) and may use:
 
-* ``trainer.model``: the unwrapped Segmentor (forward/backward through it is not synchronised by DDP);
+* ``trainer.model``: the unwrapped Segmentor (forward/backward through it is not synchronised by DDP;
+  ``train.grad_checkpointing`` is off during ``on_train_iteration``, see :mod:`dgss.engine.speed`);
 * ``trainer.next_batch()``: the next source batch of this process, on ``trainer.device`` (it counts
   as consumed data, so a resumed run sees the same batches);
 * ``trainer.cfg``, ``trainer.total_iters``, ``trainer.iteration``, ``trainer.device``,
@@ -45,6 +46,7 @@ from .evaluate import autocast_context, evaluate_datasets
 from .logging import TrainLogger
 from .optim import build_optimizer, load_optimizer_state_by_name, optimizer_state_by_name
 from .schedule import PolySchedule
+from .speed import apply_speed_options, compile_errors, without_checkpointing
 
 __all__ = ["Trainer", "NonFiniteLossError", "seed_everything", "FINAL_MODEL_NAME"]
 
@@ -124,6 +126,8 @@ class Trainer:
                               "continues, but not exactly as the original run would have", stacklevel=2)
             self.last_checkpoint = model_path
 
+        # checkpointing and torch.compile (in place: names unchanged) before the optimizer and DDP
+        apply_speed_options(self.model, train)
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.ddp_model: Optional[DistributedDataParallel] = None
         self._pending_optimizer_state: dict = {}
@@ -187,7 +191,9 @@ class Trainer:
             self._announce(log)
             while self.iteration < self.total_iters:
                 it = self.iteration
-                self.model.method.on_train_iteration(it, self)
+                # the method's own passes (e.g. FisherTune's estimate) run compiled but never checkpointed
+                with compile_errors(train), without_checkpointing(self.model.backbone):
+                    self.model.method.on_train_iteration(it, self)
                 losses, lr = self.train_step(it)
                 self.iteration = it + 1
                 log.step(self.iteration, losses["loss"], lr)
@@ -214,7 +220,7 @@ class Trainer:
             batch = self.next_batch()
             last = micro == train.grad_accum - 1
             sync = contextlib.nullcontext() if (last or self.ddp_model is None) else self.ddp_model.no_sync()
-            with sync:
+            with sync, compile_errors(train):
                 with autocast_context(self.amp, self.device):
                     losses = forward(batch["image"], batch["label"])
                 loss = losses["loss"] / train.grad_accum
@@ -258,7 +264,8 @@ class Trainer:
 
     def validate(self, log: Optional[TrainLogger] = None) -> dict[str, float]:
         """mIoU on every ``cfg.data.val`` dataset (source domain; never the targets)."""
-        results = evaluate_datasets(self.model, self.cfg.data.val, self.cfg, self.ctx, amp=self.amp)
+        with compile_errors(self.cfg.train):
+            results = evaluate_datasets(self.model, self.cfg.data.val, self.cfg, self.ctx, amp=self.amp)
         scores = {f"{r.name}/mIoU": r.miou for r in results}
         if log is not None:
             line = f"[val] iter {self.iteration}: " + ", ".join(f"{r.name} mIoU {r.miou:.2f}" for r in results)
@@ -312,7 +319,8 @@ class Trainer:
             log.info(f"resumed at iteration {self.iteration} from {self.last_checkpoint}")
 
     def _warn_config_changes(self, saved: dict, path: Path) -> None:
-        cosmetic = ("train.iters", "train.progress_bar", "train.log_interval", "train.device", "data.num_workers")
+        cosmetic = ("train.iters", "train.progress_bar", "train.log_interval", "train.device", "data.num_workers",
+                    "train.grad_checkpointing", "train.compile")  # speed options: the same training
         changed = [k for k in _config_differences(saved, to_dict(self.cfg)) if not k.startswith(cosmetic)]
         if changed and self.ctx.is_main:
             warnings.warn(f"resuming {path} with a config that differs in: {', '.join(changed[:10])}", stacklevel=3)

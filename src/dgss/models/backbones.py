@@ -156,8 +156,38 @@ class Backbone(nn.Module):
             return 4
         return int(self.model.patch_embed.patch_size[0])
 
+    @property
+    def grad_checkpointing(self) -> bool:
+        return getattr(self, "_grad_checkpointing", False)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.model.set_grad_checkpointing(enable)
+        """Activation checkpointing of every block (ViT/EVA/SAM blocks, CNN stage blocks) through timm's
+        ``forward_intermediates``: only block inputs are kept, each block runs again in the backward pass.
+
+        Always non-reentrant (timm's default, enforced here): re-running a block re-runs its hooks
+        (Rein, VPT, FisherTune) and gradients reach parameters inside blocks even when nothing before
+        block 0 requires grad (frozen-backbone methods), which reentrant checkpointing would drop.
+        """
+        setter = getattr(self.model, "set_grad_checkpointing", None)
+        if setter is None:
+            raise ValueError(f"backbone '{self.name}' ({type(self.model).__name__}) does not support activation "
+                             "checkpointing: set train.grad_checkpointing=false")
+        if enable:
+            from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
+
+            if use_reentrant_ckpt():  # TIMM_REENTRANT_CKPT=1 in the environment
+                import warnings
+
+                warnings.warn("timm was set to reentrant activation checkpointing (TIMM_REENTRANT_CKPT); dgss "
+                              "needs non-reentrant checkpointing and switches timm to it", stacklevel=2)
+                set_reentrant_ckpt(False)
+        try:
+            setter(enable)
+        except (AssertionError, NotImplementedError) as err:  # timm models that refuse it
+            raise ValueError(f"backbone '{self.name}' ({type(self.model).__name__}) does not support activation "
+                             f"checkpointing ({err or type(err).__name__}): "
+                             "set train.grad_checkpointing=false") from err
+        self._grad_checkpointing = bool(enable)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """B x 3 x H x W -> 4 maps at strides 4/8/16/32 (B x C_i x H/s x W/s)."""

@@ -117,6 +117,8 @@ class Reins(nn.Module):
 
     def refine(self, feats: torch.Tensor, layer: int) -> torch.Tensor:
         """f' = f + scale * mlp_delta_f(delta_bar + f) for the patch tokens f (B x N x C) after ``layer``."""
+        if _inference_only():
+            return self._refine_inference(feats, layer)
         tokens = self.tokens(layer)  # M x C
         attention = torch.softmax(feats @ tokens.t() * self.embed_dim**-0.5, dim=-1)  # B x N x M
         # Token 0 stays in the softmax denominator but gets no value: a sink that lets a patch take
@@ -124,6 +126,44 @@ class Reins(nn.Module):
         delta_bar = attention[..., 1:] @ self.mlp_token2feat(tokens[1:])  # B x N x C
         delta = self.mlp_delta_f(delta_bar + feats)
         return feats + self.scale * delta
+
+    def _refine_inference(self, feats: torch.Tensor, layer: int) -> torch.Tensor:
+        """``refine`` without autograd, rearranged so that every input-independent product is done once.
+
+        With W, b = mlp_delta_f, s = scale, S = the token attention and V = mlp_token2feat(T[1:]):
+
+            f' = f + s (W (S[:, 1:] V + f) + b) = f + f (s W)^T + S[:, 1:] (s V W^T) + s b
+
+        The per-pass work is then one C x C product (the floor: mlp_delta_f reads every token), the
+        N x C x M logits and the N x M x C aggregation; mlp_token2feat, the token product A B and three
+        elementwise passes are gone (issue 11, docs/benchmarks.md).
+        """
+        logits_t, values, weight_t, bias = self._inference_operands(feats.dtype)
+        shape = feats.shape
+        flat = feats.reshape(-1, shape[-1])
+        attention = torch.softmax(flat @ logits_t[layer], dim=-1)  # (B N) x M
+        if torch.is_autocast_enabled(feats.device.type):
+            # Products in the autocast dtype, the residual stream f kept in its own (as in ``refine``).
+            delta = torch.addmm(bias, flat, weight_t)
+            delta.addmm_(attention[:, 1:].to(delta.dtype), values[layer].to(delta.dtype))
+            return feats + delta.view(shape)
+        out = torch.addmm(flat, flat, weight_t)  # f + f (s W)^T in one product, f exact
+        out.addmm_(attention[:, 1:], values[layer]).add_(bias)
+        return out.view(shape)
+
+    def _inference_operands(self, dtype: torch.dtype):
+        """The input-independent operands of :meth:`_refine_inference`, computed once and reused until a
+        parameter changes (the cache key covers storage, dtype, device and in-place version)."""
+        key = (dtype,) + tuple((p.data_ptr(), p.dtype, p.device, p._version) for p in self.parameters())
+        cached = getattr(self, "_inference_cache", None)
+        if cached is None or cached[0] != key:
+            tokens = self.tokens()  # L x M x C
+            logits_t = (tokens * self.embed_dim**-0.5).transpose(1, 2)  # L x C x M
+            w, b, s = self.mlp_delta_f.weight, self.mlp_delta_f.bias, self.scale
+            values = s * (self.mlp_token2feat(tokens[:, 1:]) @ w.t())  # L x (M-1) x C
+            operands = tuple(t.to(dtype).contiguous() for t in (logits_t, values, s * w.t(), s * b))
+            cached = self._inference_cache = (key, operands)
+        return cached[1]
 
     def queries(self) -> torch.Tensor:
         """The token-to-query link: M x Q, from the parameters only (all M tokens, token 0 included)."""
@@ -140,6 +180,11 @@ class ReinSite:
 
     block_indices: tuple[int, ...]  # indices into ``backbone.blocks``, in execution order
     channels: int
+
+
+def _inference_only() -> bool:
+    """True when nothing needs autograd or a traced graph: the rearranged inference path may run."""
+    return not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling())
 
 
 def rein_sites(backbone) -> list[ReinSite]:
