@@ -43,7 +43,7 @@ import time
 import torch
 
 from dgss.config import load_config
-from dgss.engine.speed import compile_segmentor
+from dgss.engine.speed import apply_speed_options
 from dgss.models.segmentor import build_segmentor
 
 METHODS = ("frozen", "rein", "fishertune", "lora", "vpt", "full")
@@ -61,17 +61,18 @@ def parse_spec(spec: str) -> tuple[str, set[str]]:
 def build(args, spec: str, device):
     method, options = parse_spec(spec)
     overrides = [f"method.name={method}", f"model.backbone={args.backbone}", f"model.img_size={args.img}",
-                 f"model.backbone_kwargs={{depth: {args.depth}}}", "method.fishertune.selection=random"]
+                 f"model.backbone_kwargs={{depth: {args.depth}}}", "method.fishertune.selection=random",
+                 f"train.grad_checkpointing={args.grad_checkpointing or 'ckpt' in options}",
+                 f"train.compile={args.compile or 'compile' in options}",
+                 f"train.compile_mode={args.compile_mode}", f"train.compile_backend={args.compile_backend}"]
     torch.manual_seed(0)
-    model = build_segmentor(load_config(overrides=overrides)).to(device)
+    cfg = load_config(overrides=overrides)
+    model = build_segmentor(cfg).to(device)
     if method == "fishertune":
         model.method.select(None)  # random top-K (the ranking's cost is the estimate, measured elsewhere)
         model.method.num_active.fill_(model.method.capacity)  # worst case: all of delta_max active
     model.train()
-    if args.grad_checkpointing or "ckpt" in options:
-        model.backbone.set_grad_checkpointing(True)
-    if args.compile or "compile" in options:
-        compile_segmentor(model, mode=args.compile_mode, backend=args.compile_backend)
+    apply_speed_options(model, cfg.train)  # as the Trainer does
     head_ids = {id(p) for p in model.head.parameters()}
     groups = model.parameter_groups(1e-4, 0.05)
     backbone_groups = [dict(g, params=[p for p in g["params"] if id(p) not in head_ids]) for g in groups]

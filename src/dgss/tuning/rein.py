@@ -154,7 +154,7 @@ class Reins(nn.Module):
     def _inference_operands(self, dtype: torch.dtype):
         """The input-independent operands of :meth:`_refine_inference`, computed once and reused until a
         parameter changes (the cache key covers storage, dtype, device and in-place version)."""
-        key = (dtype,) + tuple((p.data_ptr(), p.dtype, p.device, p._version) for p in self.parameters())
+        key = (dtype, parameter_state(self))
         cached = getattr(self, "_inference_cache", None)
         if cached is None or cached[0] != key:
             tokens = self.tokens()  # L x M x C
@@ -180,6 +180,12 @@ class ReinSite:
 
     block_indices: tuple[int, ...]  # indices into ``backbone.blocks``, in execution order
     channels: int
+
+
+def parameter_state(module: nn.Module) -> tuple:
+    """A key that changes whenever any parameter of ``module`` does: storage, dtype, device and the
+    in-place version counter (an optimizer step, a checkpoint load, ``.to()``, ``.half()``)."""
+    return tuple((p.data_ptr(), p.dtype, p.device, p._version) for p in module.parameters())
 
 
 def _inference_only() -> bool:
@@ -294,9 +300,9 @@ class Rein(TuningMethod):
         the cache is keyed on every parameter's storage, dtype and version counter, so a checkpoint
         load, an optimizer step, ``.to()`` or ``.half()`` recomputes them (issue 11). Not while tracing
         or compiling: an exported graph computes them from the parameters."""
-        if self.training or torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        if self.training or not _inference_only():
             return self._compute_queries()
-        key = tuple((p.data_ptr(), p.dtype, p.device, p._version) for p in self.parameters())
+        key = parameter_state(self)
         cached = getattr(self, "_query_cache", None)
         if cached is None or cached[0] != key:
             cached = self._query_cache = (key, self._compute_queries())
