@@ -8,7 +8,7 @@
     python benchmarks/bench_methods.py --methods rein,rein+compile --skip-memory     # torch.compile on/off
 
 Methods: Frozen, Rein, FisherTune (random selection, all of delta_max active: its worst case), LoRA,
-VPT-deep and Full, on a DINOv2-L-shaped backbone (random weights; speed does not depend on them) with
+VPT-deep, SoMA (the last two thirds of the blocks, as 8-23 of 24) and Full, on a DINOv2-L-shaped backbone (random weights; speed does not depend on them) with
 the real Mask2Former head. For each:
 
 * backbone part: ``forward_features`` + backward of the features with a fixed random cotangent (what
@@ -34,6 +34,7 @@ and optimizer state, not the weights. On a GPU (``--device cuda``) ``max_memory_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -46,7 +47,7 @@ from dgss.config import load_config
 from dgss.engine.speed import apply_speed_options
 from dgss.models.segmentor import build_segmentor
 
-METHODS = ("frozen", "rein", "fishertune", "lora", "vpt", "full")
+METHODS = ("frozen", "rein", "fishertune", "lora", "vpt", "soma", "full")
 OPTIONS = ("ckpt", "compile")
 
 
@@ -62,9 +63,12 @@ def build(args, spec: str, device):
     method, options = parse_spec(spec)
     overrides = [f"method.name={method}", f"model.backbone={args.backbone}", f"model.img_size={args.img}",
                  f"model.backbone_kwargs={{depth: {args.depth}}}", "method.fishertune.selection=random",
+                 # SoMA's recipe tunes blocks 8-23 of 24: the same two thirds of the benchmark's blocks
+                 f"method.soma.start_block={args.depth // 3}",
                  f"train.grad_checkpointing={args.grad_checkpointing or 'ckpt' in options}",
                  f"train.compile={args.compile or 'compile' in options}",
                  f"train.compile_mode={args.compile_mode}", f"train.compile_backend={args.compile_backend}"]
+    overrides += list(getattr(args, "overrides", ()))  # later keys win (gpu_check.py: sizes, head, eval)
     torch.manual_seed(0)
     cfg = load_config(overrides=overrides)
     model = build_segmentor(cfg).to(device)
@@ -110,8 +114,10 @@ def limit_part(model, images, cotangents):
     torch.autograd.backward(feats, cotangents)
 
 
-def whole_step(model, opt, images, labels):
-    loss = model.loss(images, labels)["loss"]
+def whole_step(model, opt, images, labels, autocast=contextlib.nullcontext):
+    """One training step as the Trainer takes it (``autocast``: around the forward pass only)."""
+    with autocast():
+        loss = model.loss(images, labels)["loss"]
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

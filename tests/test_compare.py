@@ -7,16 +7,22 @@ from test_engine_support import tiny_config
 
 from dgss.cli import main
 from dgss.compare import resolve_runs, trainable_backbone_parameters
+from dgss.config import save_config
 
 
-def write_results(run_dir, scores):
-    """A finished run's eval/results.json, in the format `dgss eval` writes."""
+def write_results(config, method, scores):
+    """A finished run of ``method``: its config.yaml (as training writes it) and eval/results.json, in the
+    format `dgss eval` writes. Returns the run folder."""
+    cfg = resolve_runs(config, [method])[0].cfg
+    run_dir = cfg.run_dir
+    save_config(cfg, run_dir / "config.yaml")
     datasets = {name: {"miou": v, "pixel_accuracy": 90.0, "num_images": 2, "eval_class_ids": None, "iou": {}}
                 for name, v in scores.items()}
     path = run_dir / "eval" / "results.json"
     path.parent.mkdir(parents=True)
     mean = sum(scores.values()) / len(scores)
     path.write_text(json.dumps({"checkpoint": "x", "datasets": datasets, "mean_miou": mean}))
+    return run_dir
 
 
 def test_compare_collects_two_finished_runs_into_the_table(tmp_path, capsys):
@@ -24,7 +30,7 @@ def test_compare_collects_two_finished_runs_into_the_table(tmp_path, capsys):
     runs = tmp_path / "runs"
     scores = {"frozen": {"night": 12.3456, "fog": 20.05}, "lora": {"night": 31.25, "fog": 7.5}}
     for method, values in scores.items():
-        write_results(runs / f"{method}_tiny", values)
+        assert write_results(config, method, values) == runs / f"{method}_tiny"
     out = tmp_path / "table"
     assert main(["compare", str(config), "--methods", "frozen,lora", "--out", str(out), "--no-run"]) == 0
     printed = capsys.readouterr().out
@@ -50,7 +56,7 @@ def test_compare_collects_two_finished_runs_into_the_table(tmp_path, capsys):
 
 def test_compare_runs_what_is_missing_and_reports_what_it_may_not_run(tmp_path, capsys):
     config = tiny_config(tmp_path, "frozen_tiny", method="frozen", iters=2)
-    write_results(tmp_path / "runs" / "frozen_tiny", {"night": 10.0, "fog": 30.0})
+    write_results(config, "frozen", {"night": 10.0, "fog": 30.0})
     # --no-run: the AdaptFormer run does not exist yet; it is listed, nothing is trained
     assert main(["compare", str(config), "--methods", "frozen,adaptformer", "--no-run", "--out", str(tmp_path / "a")]) == 1
     assert "not run yet" in capsys.readouterr().err

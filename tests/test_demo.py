@@ -28,9 +28,13 @@ def test_quick_demo_writes_the_table_chart_overlays_and_fisher_plots(tmp_path, c
         assert (run / "config.yaml").is_file() and (run / "model_final.safetensors").is_file()
         records = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
         assert max(r["iteration"] for r in records) == QUICK_BUDGET.iters  # the same budget for all
+        # results.json is what `dgss eval` writes: the targets and their mean; the source is kept apart
         data = json.loads((run / "eval" / "results.json").read_text())
-        assert list(data["datasets"]) == domains
-        results[method] = {d: data["datasets"][d]["miou"] for d in domains}
+        source = json.loads((run / "eval" / "source.json").read_text())
+        assert list(data["datasets"]) == list(TARGETS) and list(source["datasets"]) == [SOURCE]
+        results[method] = {d: data["datasets"][d]["miou"] for d in TARGETS}
+        results[method][SOURCE] = source["datasets"][SOURCE]["miou"]
+        results[method]["mean"] = data["mean_miou"]
 
     # the table (Markdown, CSV, printed) holds exactly the runs' numbers
     with open(out / "results.csv") as f:
@@ -44,6 +48,7 @@ def test_quick_demo_writes_the_table_chart_overlays_and_fisher_plots(tmp_path, c
             assert float(row[target]) == pytest.approx(miou[target], abs=1e-3)
             assert 0.0 <= float(row[target]) <= 100.0
         assert float(row["mean_targets"]) == pytest.approx(sum(miou[t] for t in TARGETS) / len(TARGETS), abs=1e-3)
+        assert float(row["mean_targets"]) == pytest.approx(miou["mean"], abs=1e-3)  # the run's own results.md
     trainable = {r["method"]: int(r["trainable_backbone_params"]) for r in rows}
     assert trainable["frozen"] == 0 and trainable["full"] == backbone_size
     assert trainable["fishertune"] == round(0.05 * backbone_size)

@@ -20,7 +20,7 @@ def write_config(tmp_path, name, weights):
                   "backbone_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2},
                   "head": {"type": "fpn", "hidden_dim": 16}},
         "method": {"name": "fishertune",
-                   "fishertune": {"warmup_iters": 2, "num_batches": 2, "rounds": 2, "n_eff": 8}},
+                   "fishertune": {"warmup_iters": 2, "num_batches": 2}},
         "data": {"train": [synthetic], "crop_size": [64, 64], "scales": [64], "num_workers": 0},
         "train": {"iters": 6, "batch_size": 2, "lr": 1e-3, "eval_interval": 0, "checkpoint_interval": 1,
                   "keep_checkpoints": 0, "log_interval": 100, "device": "cpu", "progress_bar": False},

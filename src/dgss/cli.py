@@ -36,6 +36,34 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-4 model.backbone=dinov2_l")
 
 
+def _load_checked_config(args: argparse.Namespace, extra: tuple[str, ...] = ()):
+    """The config of ``args`` with its overrides, types and values checked (the checks of `dgss config`)."""
+    from .config import load_config, validate_config
+
+    cfg = load_config(args.config, list(args.overrides) + list(extra))
+    return validate_config(cfg, args.config)
+
+
+def _check_inputs(cfg, splits: tuple[str, ...]) -> None:
+    """Files and folders the command reads, before any model is built: the backbone weights file and
+    the roots of the datasets in ``splits`` (one line naming the key when one is missing)."""
+    from .fileio import check_input_file
+
+    if cfg.model.weights not in (None, "hub"):
+        check_input_file(cfg.model.weights, "backbone weights file (model.weights)")
+    for split in splits:
+        for i, ds in enumerate(getattr(cfg.data, split)):
+            if ds.type != "synthetic" and ds.root and not Path(ds.root).expanduser().is_dir():
+                raise UsageError(f"data.{split}[{i}].root: dataset folder not found: {ds.root}")
+
+
+def _check_output(path, what: str) -> Path:
+    """Create the output folder ``path`` and make sure it is writable, before the expensive work."""
+    from .fileio import check_output_dir
+
+    return check_output_dir(path, what)
+
+
 # ------------------------------------------------------------------------------------------------
 # dgss backbones
 # ------------------------------------------------------------------------------------------------
@@ -74,9 +102,9 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
 def _config_run(args: argparse.Namespace) -> int:
     import yaml
 
-    from .config import load_config, save_config, to_dict
+    from .config import save_config, to_dict
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load_checked_config(args)  # names and values too, as train, eval and fisher check them
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     if args.save:
         save_config(cfg, args.save)
@@ -93,14 +121,23 @@ def _fisher_args(parser: argparse.ArgumentParser) -> None:
     _add_config_args(parser)
     parser.add_argument("--out", help="output folder (default: the run folder, output_dir/name)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--stability", action="store_true",
+                        help="also estimate plain and variational on 2 x num_batches further batches and report "
+                             "each ranking's split-half Jaccard (4 more estimates)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _fisher_run(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .tuning.fishertune.report import run_fisher
+    from .tuning.fishertune.report import format_report, run_fisher
 
-    cfg = load_config(args.config, args.overrides + ["method.name=fishertune"])
-    for name, path in run_fisher(cfg, device=args.device, out_dir=args.out).items():
+    cfg = _load_checked_config(args, ("method.name=fishertune",))
+    _check_inputs(cfg, ("train",))
+    out = _check_output(args.out or cfg.run_dir,
+                        "output folder (--out)" if args.out else "run folder (output_dir/name)")
+    written, report = run_fisher(cfg, device=args.device, out_dir=out, stability=args.stability,
+                                 progress=cfg.train.progress_bar and not args.no_progress)
+    print(format_report(report))
+    for name, path in written.items():
         print(f"{name:<13} {path}")
     return 0
 
@@ -119,6 +156,12 @@ def _compare_args(parser: argparse.ArgumentParser) -> None:
                         help="folder for table.md, table.csv and miou.png (default: output_dir/compare_<protocol>)")
     parser.add_argument("--no-run", action="store_true",
                         help="only collect finished runs (RUN/eval/results.json); never train or evaluate")
+    parser.epilog = ("A run found on disk (results, final model or checkpoints) is reused only when its saved "
+                     "RUN/config.yaml matches the requested config: a difference in any key that changes the "
+                     "experiment (all but where it writes, what it shows and how fast it runs: "
+                     "dgss.config.NON_EXPERIMENT_KEYS) is refused with the keys named, before anything runs. "
+                     "Delete that run folder to make it again, or give the new experiment another name=. An "
+                     "interrupted run of the same config is resumed from its newest checkpoint.")
 
 
 def _compare_run(args: argparse.Namespace) -> int:
@@ -132,6 +175,7 @@ def _compare_run(args: argparse.Namespace) -> int:
     if out is None:
         protocol = load_config(args.config, args.overrides)
         out = str(Path(protocol.output_dir) / f"compare_{Path(args.config).stem}")
+    _check_output(out, "output folder (--out)")
     runs, paths = compare(args.config, methods, overrides=args.overrides, out_dir=out, allow_run=not args.no_run)
     print(format_markdown_table(runs))
     missing = [f"{r.label} ({r.cfg.run_dir})" for r in runs if r.status == "missing"]
@@ -148,11 +192,15 @@ def _compare_run(args: argparse.Namespace) -> int:
 
 def _demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_output", help="folder for the demo's outputs (default: demo_output)")
-    parser.add_argument("--quick", action="store_true", help="a ~1 minute version (smaller budget, fewer images)")
+    parser.add_argument("--quick", action="store_true", help="a ~1 minute version (one seed, smaller budget, fewer images)")
     parser.add_argument("--methods", default="frozen,full,rein,fishertune",
                         help="comma-separated subset of frozen,full,rein,fishertune (default: all four)")
-    parser.add_argument("--iters", type=int, metavar="N", help="iterations per method (default: 400, --quick 40)")
-    parser.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads (default: 1)")
+    parser.add_argument("--iters", type=int, metavar="N", help="iterations per method (default: 240, --quick 40)")
+    parser.add_argument("--seeds", type=int, metavar="N",
+                        help="seeds 0..N-1 per method; the table shows mean ± std over them (default: 3, --quick 1)")
+    parser.add_argument("--jobs", type=int, metavar="N",
+                        help="runs trained at the same time, one process each (default: 2 on 2 or more cores)")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads per run (default: 1)")
     parser.add_argument("--foundation", metavar="FILE",
                         help="another foundation ViT file (default: the one shipped in dgss/assets)")
     parser.add_argument("--pretrain-foundation", metavar="OUT",
@@ -164,7 +212,9 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
 def _demo_run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .demo import FULL_BUDGET, METHODS, QUICK_BUDGET, pretrain_foundation, run_demo
+    import os
+
+    from .demo import DEMO_SEEDS, FULL_BUDGET, METHODS, QUICK_BUDGET, pretrain_foundation, run_demo
 
     if args.pretrain_foundation:
         import torch
@@ -172,6 +222,7 @@ def _demo_run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads or 1)
         from .demo.foundation import PRETRAIN
 
+        _check_output(Path(args.pretrain_foundation).parent, "folder of --pretrain-foundation")
         print(f"pretraining the demo's foundation ViT: {args.iters or PRETRAIN['iters']} iterations "
               "(the shipped recipe: about 7 minutes on one core)", flush=True)
         path = pretrain_foundation(args.pretrain_foundation, iters=args.iters, progress=not args.no_progress)
@@ -189,8 +240,15 @@ def _demo_run(args: argparse.Namespace) -> int:
         if args.iters < 1:
             raise UsageError("--iters must be >= 1")
         budget = dataclasses.replace(budget, iters=args.iters)
+    if args.seeds is not None and args.seeds < 1:
+        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
+    _check_output(args.out, "output folder (--out)")
+    seeds = range(args.seeds) if args.seeds is not None else ((0,) if args.quick else DEMO_SEEDS)
+    jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
     run_demo(out_dir=args.out, quick=args.quick, methods=methods, budget=budget, weights=args.foundation,
-             progress=not args.no_progress, threads=args.threads)
+             progress=not args.no_progress, threads=args.threads, seeds=seeds, jobs=jobs)
     return 0
 
 
@@ -206,8 +264,7 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_run(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .engine.checkpoint import CheckpointError
+    from .engine.checkpoint import CheckpointError, resolve_checkpoint
     from .engine.distributed import shutdown_distributed
     from .engine.trainer import NonFiniteLossError, Trainer
 
@@ -215,7 +272,15 @@ def _train_run(args: argparse.Namespace) -> int:
     if isinstance(resume, str) and "=" in resume and not Path(resume).exists():
         args.overrides.append(resume)  # `--resume key=value`: a bare --resume followed by an override
         resume = True
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load_checked_config(args)
+    # what the run reads and where it writes, before the model is built
+    _check_inputs(cfg, ("train", "val"))
+    if resume:
+        try:
+            resolve_checkpoint(None if resume is True else resume, cfg.run_dir / "checkpoints")
+        except CheckpointError as err:
+            raise UsageError(str(err)) from err
+    _check_output(cfg.run_dir, "run folder (output_dir/name)")
     try:
         path = Trainer(cfg, resume=resume).train()
     except CheckpointError as err:
@@ -236,19 +301,23 @@ def _eval_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _eval_run(args: argparse.Namespace) -> int:
-    from .config import load_config
     from .engine.checkpoint import CheckpointError, load_model_weights
     from .engine.distributed import init_distributed, shutdown_distributed
-    from .engine.evaluate import evaluate_datasets, format_markdown, write_results
+    from .engine.evaluate import evaluate_datasets, format_markdown, results_writer
     from .engine.trainer import seed_everything
+    from .fileio import check_input_file
     from .models.segmentor import build_segmentor
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load_checked_config(args)
     if not cfg.data.test:
         raise UsageError(f"{args.config}: data.test lists no dataset to evaluate on")
     checkpoint = args.checkpoint
     if checkpoint.endswith(".state.pt"):  # the state half of a training checkpoint: use its model half
         checkpoint = checkpoint[: -len(".state.pt")] + ".safetensors"
+    # what the evaluation reads and where it writes, before the model is built
+    check_input_file(checkpoint, "checkpoint file")
+    _check_inputs(cfg, ("test",))
+    _check_output(args.out or cfg.run_dir / "eval", "output folder (--out)" if args.out else "output folder (RUN/eval)")
     ctx = init_distributed(cfg.train.device)
     try:
         seed_everything(cfg.train.seed)
@@ -258,12 +327,16 @@ def _eval_run(args: argparse.Namespace) -> int:
         except CheckpointError as err:
             raise UsageError(str(err)) from err
         amp = cfg.train.amp if ctx.device.type == "cuda" else "none"
-        results = evaluate_datasets(model, cfg.data.test, cfg, ctx, amp=amp)
+        out = Path(args.out) if args.out else cfg.run_dir / "eval"
+        from tqdm import tqdm
+
+        # each dataset's results are written and printed as it finishes: a later failure keeps them
+        on_result = results_writer(out, checkpoint=str(checkpoint), echo=lambda line: tqdm.write(line))
+        results = evaluate_datasets(model, cfg.data.test, cfg, ctx, amp=amp, progress=cfg.train.progress_bar,
+                                    on_result=on_result)
         if ctx.is_main:
-            out = Path(args.out) if args.out else cfg.run_dir / "eval"
-            json_path, md_path = write_results(results, out, checkpoint=str(checkpoint))
             print(format_markdown(results))
-            print(f"\nresults: {json_path}, {md_path}")
+            print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}")
     finally:
         shutdown_distributed()
     return 0
@@ -288,9 +361,15 @@ def _load_predictor(args: argparse.Namespace):
     from .predict import CheckpointError, load
 
     try:
-        return load(args.checkpoint, config=args.config, backbone_weights=args.backbone_weights, device=args.device)
+        predictor = load(args.checkpoint, config=args.config, backbone_weights=args.backbone_weights,
+                         device=args.device)
     except CheckpointError as err:
         raise UsageError(str(err)) from err
+    if Path(args.checkpoint).is_dir() and predictor.source.name != "model_final.safetensors":
+        # a run without a final model: say which checkpoint stands in for it
+        print(f"dgss {args.command}: {args.checkpoint} has no model_final.safetensors; using its newest "
+              f"checkpoint {predictor.source}", file=sys.stderr)
+    return predictor
 
 
 def _predict_args(parser: argparse.ArgumentParser) -> None:
@@ -319,6 +398,7 @@ def _predict_run(args: argparse.Namespace) -> int:
                              mode=args.mode, resize=args.resize, opacity=args.opacity, progress=not args.no_progress)
     if args.batch < 1:
         raise UsageError(f"--batch must be at least 1, got {args.batch}")
+    _check_output(args.out, "output folder (--out)")  # before the model is loaded
     predictor = _load_predictor(args)
     from tqdm import tqdm
 
@@ -343,8 +423,15 @@ def _export_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _export_run(args: argparse.Namespace) -> int:
-    from .export import ExportError, export_model
+    from .export import ExportError, export_format, export_model
 
+    try:  # what --out can be, before the model is loaded
+        export_format(args.out, args.format)
+    except ExportError as err:
+        raise UsageError(str(err)) from err
+    if Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a folder; name the model file, e.g. {Path(args.out) / 'model.onnx'}")
+    _check_output(Path(args.out).parent, "folder of --out")
     predictor = _load_predictor(args)
     try:
         result = export_model(predictor.model, predictor.cfg, args.out, fmt=args.format, input_size=args.input_size,
@@ -394,8 +481,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from .config import ConfigError
-
     parser = build_parser()
     # overrides may also follow options (`dgss eval CFG --checkpoint F key=value`), which argparse's
     # positional matching alone would reject
@@ -410,13 +495,40 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     try:
         return COMMANDS[args.command][2](args)
-    except (ConfigError, UsageError, FileNotFoundError) as err:
-        print(f"dgss {args.command}: error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - user errors become one line, anything else a traceback
+        if not isinstance(err, _user_error_types()) and not (isinstance(err, OSError) and err.filename):
+            raise
+        print(f"dgss {args.command}: error: {_error_line(err)}", file=sys.stderr)
         return 2
-    except ValueError as err:
-        # build-time value errors (unknown backbone, method, dataset type) are user errors too
-        print(f"dgss {args.command}: error: {err}", file=sys.stderr)
-        return 2
+
+
+def _user_error_types() -> tuple[type, ...]:
+    """Errors caused by the user's input. ValueError covers build-time value errors (unknown backbone,
+    method, dataset type) and ConfigError; the library's own error types count once their module is loaded
+    (an error of a module that was never imported cannot have been raised)."""
+    types: list[type] = [UsageError, ValueError, FileNotFoundError]
+    for module, name in (("dgss.models.backbone_weights", "BackboneWeightsError"),
+                         ("dgss.engine.checkpoint", "CheckpointError"),
+                         ("dgss.tuning.rein_checkpoint", "ReinCheckpointError")):
+        loaded = sys.modules.get(module)
+        if loaded is not None:
+            types.append(getattr(loaded, name))
+    return tuple(types)
+
+
+def _error_line(err: BaseException) -> str:
+    """One line: a multi-line message (e.g. a weights file's missing and unexpected keys) joined with
+    "; ", an OS error as "reason: file", and never torch's advice to load a file with weights_only=False."""
+    from .fileio import describe_load_error
+
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        text = f"{err.strerror}: {err.filename}"
+    else:
+        text = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    if "Weights only load failed" in text:  # a torch.load error passed on as it was
+        head = text.split("Weights only load failed")[0].rstrip(" :;")
+        text = f"{head}: {describe_load_error(RuntimeError(text))}" if head else describe_load_error(RuntimeError(text))
+    return text
 
 
 if __name__ == "__main__":

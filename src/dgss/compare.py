@@ -6,7 +6,14 @@
 For each method the run is found or made, in this order:
   1. ``RUN/eval/results.json`` exists (written by ``dgss eval`` or by a previous compare): collected;
   2. ``RUN/model_final.safetensors`` exists: evaluated on ``data.test``;
-  3. otherwise trained (:class:`dgss.engine.trainer.Trainer`) and evaluated (unless ``run=False``).
+  3. ``RUN/checkpoints`` holds a checkpoint (an interrupted run): resumed, then evaluated;
+  4. otherwise trained (:class:`dgss.engine.trainer.Trainer`) and evaluated (unless ``run=False``).
+
+A run found on disk is reused only for the experiment it was made with: before anything is collected,
+evaluated or trained, every existing run's saved config (``RUN/config.yaml``) is compared with the one
+requested, and a difference in any key but :data:`dgss.config.NON_EXPERIMENT_KEYS` (where it writes,
+what it shows, how fast it runs) is refused with the keys named (:class:`StaleRunError`). Nothing is
+deleted or re-run behind the user's back: they delete the run, or name the new one differently.
 
 Which config a method runs with: an entry ending in ``.yaml`` is a config file; for a method name, the
 published config of that method for the same protocol when there is one (``configs/<method>/<file>``
@@ -28,10 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import ExperimentConfig, from_dict, load_config
+from .config import NON_EXPERIMENT_KEYS, ExperimentConfig, config_differences, from_dict, load_config, to_dict
 
-__all__ = ["MethodRun", "resolve_runs", "trainable_backbone_parameters", "collect_or_run", "compare",
-           "format_markdown_table", "write_csv", "plot_bars"]
+__all__ = ["MethodRun", "StaleRunError", "resolve_runs", "check_existing_run", "trainable_backbone_parameters",
+           "collect_or_run", "compare", "format_markdown_table", "write_csv", "plot_bars"]
+
+
+class StaleRunError(ValueError):
+    """A method's run folder holds a run of another experiment than the one requested."""
 
 
 @dataclass
@@ -112,27 +123,79 @@ def _run_config(run: MethodRun) -> ExperimentConfig:
     return run.cfg
 
 
+def _made_outputs(run: MethodRun) -> list[str]:
+    """What compare would reuse from ``run``'s folder: results, final model, checkpoints."""
+    from .engine.trainer import FINAL_MODEL_NAME
+
+    run_dir = run.cfg.run_dir
+    found = [name for name in ("eval/results.json", FINAL_MODEL_NAME) if (run_dir / name).is_file()]
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        found.append("checkpoints/")
+    return found
+
+
+def _show(data: dict, key: str) -> str:
+    """The value of dotted ``key`` in a config dict, as JSON, shortened."""
+    for part in key.split("."):
+        data = data[int(part)] if isinstance(data, list) else data.get(part) if isinstance(data, dict) else None
+    text = json.dumps(data)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_existing_run(run: MethodRun) -> None:
+    """Refuse to reuse ``run``'s folder when what it holds was made with another experiment config.
+
+    Raises:
+        StaleRunError: one line naming the run folder, the differing keys (saved -> requested) and the
+            ways out.
+    """
+    found = _made_outputs(run)
+    if not found:
+        return
+    run_dir = run.cfg.run_dir
+    saved_path = run_dir / "config.yaml"
+    way_out = (f"delete {run_dir} to make it again, or give this experiment another run name (name=...; "
+               "or another output_dir=...)")
+    if not saved_path.is_file():
+        raise StaleRunError(f"{run.label}: {run_dir} holds {', '.join(found)} but no config.yaml, so which experiment "
+                            f"they belong to is unknown; if it is this one, save its config there (dgss config CONFIG "
+                            f"--save {saved_path}), else {way_out}")
+    saved, requested = to_dict(_run_config(run)), to_dict(run.cfg)
+    changed = config_differences(saved, requested, ignore=NON_EXPERIMENT_KEYS)
+    if changed:
+        shown = "; ".join(f"{k}: {_show(saved, k)} -> {_show(requested, k)}" for k in changed[:6])
+        more = f"; and {len(changed) - 6} more" if len(changed) > 6 else ""
+        raise StaleRunError(f"{run.label}: {run_dir} was made with another config than the one requested "
+                            f"(saved -> requested: {shown}{more}); its {', '.join(found)} would be stale: {way_out}")
+
+
 def _evaluate(cfg: ExperimentConfig, model_path: Path) -> None:
     from .engine.checkpoint import load_model_weights
     from .engine.distributed import init_distributed
-    from .engine.evaluate import evaluate_datasets, write_results
+    from .engine.evaluate import evaluate_datasets, results_writer
     from .models.segmentor import build_segmentor
 
     ctx = init_distributed(cfg.train.device)
     model = build_segmentor(cfg).to(ctx.device)
     load_model_weights(model, model_path)
     amp = cfg.train.amp if ctx.device.type == "cuda" else "none"
-    results = evaluate_datasets(model, cfg.data.test, cfg, ctx, amp=amp)
-    if ctx.is_main:
-        write_results(results, cfg.run_dir / "eval", checkpoint=str(model_path))
+    # written as each dataset finishes ("pending" lists the rest, so a partial file is never collected)
+    evaluate_datasets(model, cfg.data.test, cfg, ctx, amp=amp, progress=cfg.train.progress_bar,
+                      on_result=results_writer(cfg.run_dir / "eval", checkpoint=str(model_path)))
 
 
 def collect_or_run(run: MethodRun, *, allow_run: bool = True) -> MethodRun:
-    """Fill ``run.miou`` from its results file, evaluating or training first when needed."""
+    """Fill ``run.miou`` from its results file, evaluating or training first when needed (a run on disk
+    only when it was made with ``run.cfg``'s experiment: :func:`check_existing_run`)."""
     from .engine.trainer import FINAL_MODEL_NAME
 
+    check_existing_run(run)
+
+    from .engine.evaluate import results_complete
+
     final = run.cfg.run_dir / FINAL_MODEL_NAME
-    if run.results_path.is_file():
+    if results_complete(run.results_path):  # not one an interrupted evaluation left half-written
         run.status = "collected"
     elif final.is_file() and allow_run:
         _evaluate(_run_config(run), final)
@@ -140,9 +203,12 @@ def collect_or_run(run: MethodRun, *, allow_run: bool = True) -> MethodRun:
     elif allow_run:
         if not run.cfg.data.test:
             raise ValueError(f"{run.label}: data.test lists no dataset to evaluate on")
+        from .engine.checkpoint import latest_checkpoint
         from .engine.trainer import Trainer
 
-        path = Trainer(run.cfg).train()
+        # an interrupted run of this experiment (check_existing_run compared its config) continues
+        resume = latest_checkpoint(run.cfg.run_dir / "checkpoints") is not None
+        path = Trainer(run.cfg, resume=resume).train()
         _evaluate(run.cfg, path)
         run.status = "trained"
     else:
@@ -215,11 +281,22 @@ def plot_bars(runs: Sequence[MethodRun], path: Path) -> Path:
 def compare(config: str | os.PathLike, methods: Sequence[str], *, overrides: Sequence[str] = (),
             out_dir: str | os.PathLike = "compare", allow_run: bool = True) -> tuple[list[MethodRun], dict[str, Path]]:
     """Collect (or make, unless ``allow_run`` is False) every method's run and write ``table.md``,
-    ``table.csv`` and ``miou.png`` to ``out_dir``. Returns the rows and those paths."""
+    ``table.csv`` and ``miou.png`` to ``out_dir``. Returns the rows and those paths.
+
+    Raises:
+        StaleRunError: a run on disk was made with another config (checked for every method before
+            anything is run).
+    """
     runs = resolve_runs(config, methods, overrides)
+    for run in runs:
+        check_existing_run(run)
     for run in runs:
         collect_or_run(run, allow_run=allow_run)
         run.params = trainable_backbone_parameters(_run_config(run))
+    if not any(run.miou for run in runs):  # an empty table and chart would look like a result
+        missing = ", ".join(f"{r.label} ({r.results_path})" for r in runs)
+        raise ValueError(f"nothing to compare: no method has results yet ({missing}); run without --no-run to "
+                         "train and evaluate them")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = format_markdown_table(runs)

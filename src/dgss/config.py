@@ -38,6 +38,7 @@ __all__ = [
     "AdaptFormerConfig",
     "VQTConfig",
     "ChildTuneConfig",
+    "SoMAConfig",
     "DEFAULT_BACKBONE_LR_MULT",
     "DatasetConfig",
     "DataConfig",
@@ -49,6 +50,9 @@ __all__ = [
     "apply_overrides",
     "parse_overrides",
     "save_config",
+    "validate_config",
+    "NON_EXPERIMENT_KEYS",
+    "config_differences",
 ]
 
 
@@ -125,34 +129,42 @@ class FisherTuneConfig:
     """FisherTune (fishertune.md). Defaults are the ones that document lists; dgss.tuning.fishertune
     documents each choice where it is made."""
 
-    # estimation (stage 2): num_batches source batches, each seen as x and as x' (2 passes per batch)
+    # estimation (stage 2): num_batches source batches, each seen as x and as x'
     num_batches: int = 100
-    rounds: int = 4  # K variational rounds the batches are split over
-    per_sample: bool = False  # squared gradients per image (micro-batches of 1) instead of per batch
+    per_sample: bool = True  # per-image squared gradients (B passes per batch); false: batch-mean gradient x B
     # simulated shift x': feature statistics perturbed at the input of these blocks
     eps_mu: float = 0.5
     eps_sigma: float = 0.5
     perturb_layers: list[int] = field(default_factory=lambda: [0])
-    # variational estimate: Lambda = n_eff * F / gamma + tau^-2, tau^-2 the tau_quantile of n_eff * F / gamma
+    # DR-FIM = task / its top-delta_max threshold + domain_balance * e^-(eps_mu+eps_sigma) * domain / its
+    # threshold. The defaults below are measured choices (docs/benchmarks.md, "FisherTune's ranking"):
+    # balance 2 is the smallest at which the variational estimate is consistently stabler than the plain
+    # one, with both terms shaping the set; "tensor" keeps patch_embed from taking 93-98% of the budget.
+    domain_balance: float = 2.0
+    normalization: Literal["global", "tensor"] = "tensor"  # tensor: per-tensor Fisher units and data scale
+    # variational estimate (dgss.tuning.fishertune.drfim): prior tau = prior_rho x RMS of each pretrained
+    # tensor; data and prior precision equal at the prior_quantile of tau^2 F; Lambda updated every batch
     variational: bool = True
-    gamma: float = 1.0
-    tau_quantile: float = 0.5
-    n_eff: Optional[int] = None  # None: the number of source training images
-    ema_beta: float = 0.5
-    noise_cap: float = 0.05  # theta-sample std <= noise_cap x RMS of the tensor's pretrained weights
-    ratio_eps: float = 1e-8
+    prior_rho: float = 0.05
+    prior_quantile: float = 0.9
+    ratio_eps: float = 1e-8  # plain form: the ratio's eps, relative to the mean Fisher
     # selection and schedule: delta(t) = delta_max - (delta_max - delta_min) exp(-t / T_s)
     delta_min: float = 0.01
     delta_max: float = 0.05
     schedule_tau_frac: float = 0.2  # T_s = T3 / 5
     warmup_iters: int = 1000  # T1
-    # drfim | fisher (plain F(x) at theta_pt, ChildTune-D style) | domain (domain term only) | random;
-    # "DR-FIM without the variational estimate" is selection=drfim with variational=false
+    # The paper's ablations (Table 4, Fig. 5, Table 5), one option each: drfim | fisher (the task term
+    # alone, F(x); no x' is estimated) | domain (the domain term alone, "Delta F") | random;
+    # variational=false: the plain estimate at theta_pt; train_perturb_prob=0: no x' in training
     selection: Literal["drfim", "fisher", "domain", "random"] = "drfim"
     eligible: Optional[list[str]] = None  # fnmatch patterns on backbone parameter names; None: all
     delta_weight_decay: Optional[float] = None  # None: train.weight_decay (it pulls delta towards 0)
     refresh_interval: int = 0  # re-rank the not-yet-active candidates every N stage-3 iterations; 0: never
-    train_perturb_prob: float = 0.0  # train on x' in this fraction of stage-3 iterations (augmentation)
+    # Train on x' in this fraction of stage-3 iterations (a feature-statistics augmentation). The paper's
+    # Table 5 applies its perturbation to the baselines "for a fair comparison", so FisherTune's own
+    # numbers train with it; the rate is not given: 0.5, the rate of DSU (Li et al., ICLR 2022), the
+    # feature-statistics augmentation x' resembles.
+    train_perturb_prob: float = 0.5
 
 
 @dataclass
@@ -213,20 +225,48 @@ class ChildTuneConfig:
     eligible: Optional[list[str]] = None  # fnmatch patterns on backbone parameter names; None: all
 
 
+@dataclass
+class SoMAConfig:
+    """SoMA (Yun et al., CVPR 2025): the minor singular components of the targeted weights train, the
+    residual stays frozen (dgss.tuning.soma). Defaults: the public code (github ysj9909/SoMA), DGSS
+    config configs/sora/sora_dinov2-L_mask2former.py and rein/peft/sora.py."""
+
+    rank: int = 16  # r: "rank = 16" in that config
+    alpha: float = 16.0  # lora_alpha = rank there: scaling alpha / r = 1
+    # target_modules ['q', 'k', 'v', 'proj', 'fc1', 'fc2']: every Linear of the tuned blocks (a fused qkv
+    # is split into q, k, v; EVA's q/k/v_proj and SwiGLU's fc1_g/fc1_x are separate already)
+    targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
+    # start_lora_idx = 8: blocks 0-7 (the domain-generalizable early blocks) stay frozen. The public code
+    # has no EVA02-L config; dgss uses 8 for it too (both are 24-block ViT-Ls)
+    start_block: int = 8
+    train_bias: bool = True  # SoraConfig's default bias="all": the tuned layers' biases train too
+    # "minor": the r smallest singular triplets (SoMA); "principal": the r largest (the code's first_eigen)
+    components: Literal["minor", "principal"] = "minor"
+    # weight decay of every optimizer group annealed by a cosine from train.weight_decay to wd_min over
+    # train.iters (CosineAnnealingParamScheduler, param_name weight_decay, eta_min 1e-5, end 40000 in that
+    # config); null: constant weight decay
+    wd_min: Optional[float] = 1.0e-5
+    # the exact SVD (lora_weight_init "sora") in float64 on the weight's device (the code uses float32;
+    # float64 resolves the smallest singular vectors better)
+    svd_dtype: Literal["float64", "float32"] = "float64"
+
+
 # name -> the backbone lr multiplier a method gets when method.backbone_lr_mult is not set. Full
 # fine-tuning collapses at lr x 1 (the Rein authors' finding, protocols.md); ChildTune-F is full
 # fine-tuning with a random gradient mask, so it gets the same.
-DEFAULT_BACKBONE_LR_MULT = {"full": 0.1, "childtune-f": 0.1}
+# SoMA's factors stand for backbone weights and get the public code's "backbone" lr_mult 0.5.
+DEFAULT_BACKBONE_LR_MULT = {"full": 0.1, "childtune-f": 0.1, "soma": 0.5}
 
 
 @dataclass
 class MethodConfig:
     """Which tuning method adapts the backbone, and its options."""
 
-    # frozen | full | rein | fishertune | lora | vpt | adaptformer | vqt | childtune-f | childtune-d
+    # frozen | full | rein | fishertune | lora | vpt | adaptformer | vqt | childtune-f | childtune-d | soma
     name: str = "frozen"
     # lr multiplier of the pretrained backbone's trainable tensors; null: the method's default
-    # (DEFAULT_BACKBONE_LR_MULT: 0.1 for full and childtune-f, else 1.0), resolved when the config is built
+    # (DEFAULT_BACKBONE_LR_MULT: 0.1 for full and childtune-f, 0.5 for soma, else 1.0), resolved when the
+    # config is built
     backbone_lr_mult: Optional[float] = None
     rein: ReinConfig = field(default_factory=ReinConfig)
     fishertune: FisherTuneConfig = field(default_factory=FisherTuneConfig)
@@ -235,6 +275,7 @@ class MethodConfig:
     adaptformer: AdaptFormerConfig = field(default_factory=AdaptFormerConfig)
     vqt: VQTConfig = field(default_factory=VQTConfig)
     childtune: ChildTuneConfig = field(default_factory=ChildTuneConfig)
+    soma: SoMAConfig = field(default_factory=SoMAConfig)
     options: dict[str, Any] = field(default_factory=dict)  # options of methods added outside dgss
 
     def __post_init__(self) -> None:
@@ -321,6 +362,10 @@ class TrainConfig:
     # what a non-finite loss does: stop (nothing is saved, the last checkpoint stays as it is) or
     # skip the optimizer step with a warning
     nan_policy: Literal["stop", "skip"] = "stop"
+    # nan_policy skip: the most optimizer steps skipped in a row; one more stops the run. The weights do
+    # not change while steps are skipped, so a run whose loss is non-finite on this many different
+    # batches in a row is broken, not unlucky (no paper sets this: 5 is dgss's choice)
+    max_consecutive_skips: int = 5
     # DDP: allow trainable parameters that get no gradient (a ViT's final norm under full fine-tuning,
     # a method's queries with a head that takes none); false saves a graph traversal per step when
     # every trainable parameter always gets a gradient
@@ -495,6 +540,74 @@ def to_dict(cfg: Any) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# Values: names that must exist, sizes that must be positive
+# --------------------------------------------------------------------------------------------
+
+
+def _check_name(key: str, value: str, valid, what: str, where: str) -> None:
+    if value in valid:
+        return
+    close = difflib.get_close_matches(str(value), list(valid), n=1, cutoff=0.3)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"key '{key}'{where}: unknown {what} '{value}'{hint} (valid: {', '.join(sorted(valid))})")
+
+
+def _check_at_least(key: str, value: Optional[float], low: float, where: str) -> None:
+    if value is not None and value < low:
+        raise ConfigError(f"key '{key}'{where} must be at least {low:g}, got {value:g}")
+
+
+def validate_config(cfg: ExperimentConfig, source: str = "") -> ExperimentConfig:
+    """Check what the schema's types cannot: the backbone, method, head and dataset type names exist
+    (the registries as they are now, so methods and datasets registered by the user count), and sizes,
+    counts and intervals are in range. The one check behind ``dgss config`` and the train, eval and fisher
+    paths, so a config ``dgss config`` accepts is not rejected later for its values.
+
+    Raises:
+        ConfigError: one line naming the key, the value and the closest valid value.
+    """
+    from .data.builder import DATASET_TYPES
+    from .models.backbones import BACKBONES
+    from .models.heads import HEADS
+    from .tuning import METHODS
+
+    where = f" in {source}" if source else ""
+    _check_name("model.backbone", cfg.model.backbone, BACKBONES, "backbone", where)
+    _check_name("model.head.type", cfg.model.head.type, HEADS, "head type", where)
+    _check_name("method.name", cfg.method.name, METHODS, "method", where)
+    for split in ("train", "val", "test"):
+        for i, ds in enumerate(getattr(cfg.data, split)):
+            key = f"data.{split}[{i}]"
+            _check_name(f"{key}.type", ds.type, DATASET_TYPES, "dataset type", where)
+            _check_at_least(f"{key}.first_n", ds.first_n, 1, where)
+            if ds.fraction is not None and not 0 < ds.fraction <= 1:
+                raise ConfigError(f"key '{key}.fraction'{where} must be in (0, 1], got {ds.fraction:g}")
+            if ds.severity is not None and not 1 <= ds.severity <= 5:
+                raise ConfigError(f"key '{key}.severity'{where} must be 1..5, got {ds.severity}")
+    train = cfg.train
+    for key, value in (("train.iters", train.iters), ("train.batch_size", train.batch_size),
+                       ("train.grad_accum", train.grad_accum), ("eval.batch_windows", cfg.eval.batch_windows),
+                       ("model.img_size", cfg.model.img_size), ("model.patch_size", cfg.model.patch_size),
+                       ("model.head.num_classes", cfg.model.head.num_classes)):
+        _check_at_least(key, value, 1, where)
+    for key, value in (("train.warmup_iters", train.warmup_iters), ("train.eval_interval", train.eval_interval),
+                       ("train.checkpoint_interval", train.checkpoint_interval),
+                       ("train.keep_checkpoints", train.keep_checkpoints), ("train.log_interval", train.log_interval),
+                       ("train.lr", train.lr), ("train.min_lr", train.min_lr),
+                       ("data.num_workers", cfg.data.num_workers),
+                       ("train.max_consecutive_skips", train.max_consecutive_skips)):
+        _check_at_least(key, value, 0, where)
+    if train.warmup_iters >= train.iters:
+        raise ConfigError(f"key 'train.warmup_iters'{where} must be below train.iters ({train.iters}), got "
+                          f"{train.warmup_iters}; at most {train.iters - 1}")
+    for key, size in (("data.crop_size", cfg.data.crop_size), ("eval.crop_size", cfg.eval.crop_size),
+                      ("eval.stride", cfg.eval.stride)):
+        if len(size) != 2 or min(size) < 1:
+            raise ConfigError(f"key '{key}'{where} must be two sizes >= 1 (h, w), got {size}")
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
 # Files and overrides
 # --------------------------------------------------------------------------------------------
 
@@ -602,10 +715,39 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> Path:
-    """Write the fully resolved config as YAML, atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    """Write the fully resolved config as YAML, atomically (temp file + rename, the umask's mode)."""
+    from .fileio import atomic_write
+
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+# Keys (and whole sections, by prefix) that do not change what an experiment produces, its model and
+# its test scores: where it writes, what it shows, what it keeps, how fast it runs. `dgss compare`
+# ignores them when it checks a finished run against the requested config; a resume does not warn
+# about them. Everything else (model, method, data.train/test, eval, train.lr/iters/seed/amp/...) counts.
+NON_EXPERIMENT_KEYS = (
+    "name", "output_dir",  # where the run is
+    "train.progress_bar", "train.log_interval",  # what it shows
+    "train.eval_interval", "data.val",  # source validation: reported, never selects the model
+    "train.checkpoint_interval", "train.keep_checkpoints",  # what it keeps on disk
+    "train.device", "data.num_workers", "train.find_unused_parameters",  # where and how fast it runs
+    "train.grad_checkpointing", "train.compile", "train.compile_mode", "train.compile_backend",  # same losses
+)
+
+
+def config_differences(old: dict, new: dict, *, ignore: tuple[str, ...] = (), prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts (lists of equal length compared item by
+    item, e.g. ``data.test.1.root``), leaving out ``ignore`` keys and everything under them."""
+    keys = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b, name = old.get(key), new.get(key), f"{prefix}{key}"
+        if any(name == k or name.startswith(k + ".") for k in ignore):
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += config_differences(a, b, ignore=ignore, prefix=name + ".")
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and a != b:
+            keys += config_differences(dict(enumerate(a)), dict(enumerate(b)), ignore=ignore, prefix=name + ".")
+        elif a != b:
+            keys.append(name)
+    return keys

@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 __all__ = ["ExportError", "ExportResult", "ExportedSegmentor", "merge_method", "prepare_for_export",
-           "export_onnx", "export_torchscript", "export_model", "default_input_size", "DEFAULT_OPSET"]
+           "export_onnx", "export_torchscript", "export_format", "export_model", "default_input_size",
+           "DEFAULT_OPSET"]
 
 DEFAULT_OPSET = 17  # GridSample (deformable attention) needs >= 16; 17 adds LayerNormalization
 PathLike = Union[str, os.PathLike]
@@ -200,12 +201,35 @@ def default_input_size(cfg) -> tuple[int, int]:
     return int(crop[0]), int(crop[1])
 
 
+# file suffix -> export format; any other suffix needs an explicit format
+SUFFIX_FORMATS = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".torchscript": "torchscript"}
+
+
+def export_format(path: PathLike, fmt: Optional[str] = None) -> str:
+    """The format ``path`` is written in: ``fmt`` when given, else the one its suffix names.
+
+    Raises:
+        ExportError: an unknown ``fmt``, or a suffix that names no format (``x.tflite`` is not
+            silently written as TorchScript).
+    """
+    if fmt is not None:
+        if fmt not in ("onnx", "torchscript"):
+            raise ExportError(f"unknown export format '{fmt}' (onnx | torchscript)")
+        return fmt
+    suffix = Path(path).suffix.lower()
+    if suffix not in SUFFIX_FORMATS:
+        raise ExportError(f"cannot tell the export format from '{Path(path).name}': name the file .onnx (ONNX) or "
+                          ".pt (TorchScript; also .ts, .torchscript), or pass --format")
+    return SUFFIX_FORMATS[suffix]
+
+
 def export_model(segmentor: nn.Module, cfg, path: PathLike, *, fmt: Optional[str] = None,
                  input_size: Optional[Sequence[int]] = None, opset: int = DEFAULT_OPSET,
                  merge: bool = True) -> ExportResult:
-    """Export by file suffix (``.onnx`` -> ONNX, ``.pt``/``.ts``/``.torchscript`` -> TorchScript) or ``fmt``."""
+    """Export by file suffix (``.onnx`` -> ONNX, ``.pt``/``.ts``/``.torchscript`` -> TorchScript) or ``fmt``
+    (:func:`export_format`; other suffixes need ``fmt``)."""
     path = Path(path)
-    fmt = fmt or ("onnx" if path.suffix.lower() == ".onnx" else "torchscript")
+    fmt = export_format(path, fmt)
     size = tuple(input_size) if input_size else default_input_size(cfg)
     options = dict(input_size=size, mean=cfg.data.mean, std=cfg.data.std, merge=merge)
     if fmt == "onnx":

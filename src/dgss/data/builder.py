@@ -209,7 +209,7 @@ def _apply_subsets(dataset: SegmentationDataset, cfg: DatasetConfig, list_dir, w
 
 
 def _write_list(path: Path, lines: Sequence[str], header: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(f"# {header}\n" + "".join(f"{line}\n" for line in lines))
-    os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
+    from ..fileio import atomic_write
+
+    text = f"# {header}\n" + "".join(f"{line}\n" for line in lines)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))  # a concurrent reader sees the old or the whole new file

@@ -22,6 +22,8 @@ __all__ = [
     "UnreadableFileError",
     "IMAGE_EXTENSIONS",
     "read_image",
+    "pil_to_rgb",
+    "uint16_to_uint8",
     "read_label",
     "read_png_16bit",
     "write_png_16bit",
@@ -61,9 +63,37 @@ def _open(path: str | os.PathLike, what: str, *, load: bool = True) -> Image.Ima
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An image file as H x W x 3 uint8 RGB (grey, palette and RGBA files are converted)."""
-    image = _open(path, "image")
-    if image.mode != "RGB":
+    """An image file as H x W x 3 uint8 RGB (grey, palette and RGBA files are converted; 16-bit grey
+    is scaled to 8 bits, see :func:`pil_to_rgb`)."""
+    return pil_to_rgb(_open(path, "image"), str(path))
+
+
+_GREY_16BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def uint16_to_uint8(array: np.ndarray) -> np.ndarray:
+    """16-bit samples to 8 bits by the bit depth: round(v / 257), so 0 -> 0 and 65535 -> 255 exactly."""
+    return ((array.astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+
+def pil_to_rgb(image: Image.Image, name: str = "image") -> np.ndarray:
+    """A PIL image as H x W x 3 uint8 RGB, a writable copy.
+
+    PIL's own ``convert("RGB")`` clips 16-bit grey samples to 255 (a white image), so 16-bit grey
+    (modes I;16*, and 16-bit PNGs, which PIL opens as I) is scaled by its bit depth: v / 257, i.e. the
+    full 16-bit range onto 0..255 (no stretching by the image's own maximum: a dark image stays dark).
+    32-bit integer and float images have no such range and are refused (``name`` names the file).
+    16-bit RGB files are already reduced to 8 bits per channel by PIL when it decodes them.
+    """
+    mode = image.mode
+    if mode in _GREY_16BIT or (mode == "I" and image.format == "PNG"):  # PNG's "I" is 16-bit grey
+        grey = uint16_to_uint8(np.clip(np.asarray(image), 0, 65535))
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if mode in ("I", "F"):
+        kind = "32-bit integer" if mode == "I" else "floating-point"
+        raise UnreadableFileError(f"cannot read image {name}: a {kind} greyscale image (PIL mode {mode}) has no "
+                                  "fixed range to map to 0..255; convert it to 8 or 16 bits per sample first")
+    if mode != "RGB":
         image = image.convert("RGB")
     return np.array(image)  # a writable copy (np.asarray of a PIL image is read-only)
 

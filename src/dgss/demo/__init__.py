@@ -1,7 +1,7 @@
 """`dgss demo`: the domain-generalization story end to end on a CPU, with synthetic domains.
 
-    rows = run_demo("demo_output")                 # about 10 minutes on 2 CPU cores
-    rows = run_demo("demo_output", quick=True)     # about 1 minute
+    rows = run_demo("demo_output", seeds=DEMO_SEEDS, jobs=2)   # `dgss demo`: under 10 minutes on 2 CPU cores
+    rows = run_demo("demo_output", quick=True)                  # about 1 minute
 
 1. The "foundation" ViT (:mod:`dgss.demo.foundation`): a small DINOv2-shaped model that dgss pretrained
    on every synthetic domain (on scenes no demo split uses), shipped in ``dgss/assets`` with the
@@ -13,91 +13,130 @@
    fine-tuned on (textured, night, fog, rain, colour shift), and the demo writes the table, a bar
    chart, prediction overlays and FisherTune's selection plots (:mod:`dgss.demo.outputs`).
 
+The runs are the seeded benchmark's (:func:`dgss.demo.benchmark.run_seeded`, ``benchmarks/bench_dg.py``):
+one code path, with the demo's methods, budget and seeds.
+
 The numbers are a synthetic sanity check of the code paths and of the story, not the papers'
 benchmarks; seeds are fixed, so a second run prints the same table.
 """
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 from .foundation import FOUNDATION_FILE, foundation_weights, pretrain_command, pretrain_foundation
-from .outputs import format_table, plot_miou, table_rows, write_overlays, write_table
-from .run import FULL_BUDGET, METHODS, QUICK_BUDGET, SOURCE, TARGETS, DemoBudget, demo_config, pick_threads, run_method
+from .outputs import format_table, plot_miou, summary_rows, write_overlays, write_table
+from .run import (DEMO_SEEDS, FULL_BUDGET, METHODS, QUICK_BUDGET, SOURCE, TARGETS, DemoBudget, demo_config,
+                  pick_threads, run_method)
 
 __all__ = ["run_demo", "demo_config", "SOURCE", "TARGETS", "METHODS", "DemoBudget", "FULL_BUDGET", "QUICK_BUDGET",
-           "FOUNDATION_FILE", "foundation_weights", "pretrain_foundation", "pretrain_command", "format_table"]
+           "DEMO_SEEDS", "FOUNDATION_FILE", "foundation_weights", "pretrain_foundation", "pretrain_command", "format_table"]
 
 
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s"
+def _flat_run_name(row: str, seed: int) -> str:
+    return row  # one seed: OUT/runs/<method>/, as `dgss eval` commands in the README name them
+
+
+def _seeded_run_name(row: str, seed: int) -> str:
+    return f"{row}/seed{seed}"
+
+
+def _write_fisher_figures(record: dict, model, trainer, *, out: Path, first_seed: int) -> None:
+    """``on_run`` of the demo (runs in the process that trained): FisherTune's selection plots and report
+    from the first seed's run."""
+    if record["seed"] == first_seed and record["method"] == "fishertune":
+        from ..tuning.fishertune.report import write_fisher_outputs
+
+        write_fisher_outputs(trainer.model.method, out / "fishertune")
+
+
+def _final_models(records: list[dict], first_seed: int) -> dict:
+    """The first seed's final models, reloaded from their run folders as `dgss eval` loads them."""
+    from ..config import load_config
+    from ..engine.checkpoint import load_model_weights
+    from ..models.segmentor import build_segmentor
+
+    models = {}
+    for record in records:
+        if record["seed"] == first_seed:
+            run_dir = Path(record["run_dir"])
+            model = build_segmentor(load_config(str(run_dir / "config.yaml")))
+            load_model_weights(model, run_dir / "model_final.safetensors")
+            models[record["row"]] = model.eval()
+    return models
 
 
 def run_demo(out_dir: str | Path = "demo_output", quick: bool = False, methods: Sequence[str] = METHODS, *,
              budget: Optional[DemoBudget] = None, targets: Sequence[str] = TARGETS, weights: Optional[str] = None,
-             overlays: bool = True, progress: bool = True, threads: Optional[int] = None) -> list[dict]:
+             overlays: bool = True, progress: bool = True, threads: Optional[int] = None,
+             seeds: Sequence[int] = (0,), jobs: int = 1) -> list[dict]:
     """Fine-tune the foundation ViT on ``SOURCE`` with each method, evaluate on the source and the
     targets, print the table and write everything to ``out_dir``. Returns the table's rows
-    ({"method", "trainable", "source", <target>..., "mean"}, mIoU in %).
+    ({"method", "trainable", "source", <target>..., "mean"}, mIoU in %; with several seeds the mean
+    over them, plus "seeds" and "sd", the sample std of each column).
 
     ``budget`` overrides the sizes (default: ``QUICK_BUDGET`` with ``quick``, else ``FULL_BUDGET``);
-    ``weights`` another foundation file; ``threads`` torch's intra-op threads (default 1).
+    ``weights`` another foundation file; ``threads`` torch's intra-op threads per run (default 1);
+    ``seeds``: one run per method and seed (one seed: ``runs/<method>/``; several:
+    ``runs/<method>/seed<k>/``; overlays and FisherTune's plots from the first seed; `dgss demo` runs
+    ``DEMO_SEEDS``); ``jobs``: runs trained at the same time, one process each.
     """
+    import functools
+
+    from .benchmark import clock, run_seeded
+    from .dg_stats import summarize
+
     start = time.time()
+    seeds = list(seeds)
     out = Path(out_dir)
     budget = budget or (QUICK_BUDGET if quick else FULL_BUDGET)
     threads = pick_threads(threads)
     weights = str(weights or foundation_weights(progress=progress))
+    per_seed = f", {len(seeds)} seeds" if len(seeds) > 1 else ""
     print(f"dgss demo{' --quick' if quick else ''}: fine-tune a pretrained foundation ViT on '{SOURCE}' with "
-          f"{', '.join(methods)} ({budget.iters} iterations each), then evaluate on '{SOURCE}' and on "
+          f"{', '.join(methods)} ({budget.iters} iterations each{per_seed}), then evaluate on '{SOURCE}' and on "
           f"{len(targets)} unseen domains: {', '.join(targets)}", flush=True)
-    print(f"foundation ViT: {weights}  |  outputs: {out}/  |  {threads} thread(s)", flush=True)
+    print(f"foundation ViT: {weights}  |  outputs: {out}/  |  {jobs} job(s) x {threads} thread(s)", flush=True)
 
-    results, models, fisher_paths = [], {}, {}
-    for i, method in enumerate(methods):
-        cfg = demo_config(method, budget=budget, out_dir=out, weights=weights, targets=targets)
-        if cfg.run_dir.exists():
-            shutil.rmtree(cfg.run_dir)  # a fresh run every time (the engine appends to an existing log)
-        print(f"\n[{i + 1}/{len(methods)}] {method}", flush=True)
-        result, model, trainer = run_method(cfg, progress=progress)
-        results.append(result)
-        models[method] = model
-        if method == "fishertune":
-            from ..tuning.fishertune.report import write_fisher_outputs
+    # a fresh run every time (resume=False): the figures need FisherTune's scores, kept in memory
+    figures = functools.partial(_write_fisher_figures, out=out, first_seed=seeds[0])
+    records = run_seeded(methods, seeds, budget, out, "cpu", threads, curve_points=1, weights=weights,
+                         targets=targets, resume=False, progress=progress and jobs == 1, quiet=jobs > 1,
+                         keep_fisher_scores=True, run_name=_flat_run_name if len(seeds) == 1 else _seeded_run_name,
+                         on_run=figures, jobs=jobs)
+    fisher_dir = out / "fishertune"
+    fisher_paths = {name: fisher_dir / file for name, file in (
+        ("per_block", "selection_per_block.png"), ("per_type", "selection_per_type.png"),
+        ("distribution", "drfim_distribution.png"), ("report", "report.json")) if (fisher_dir / file).is_file()}
 
-            fisher_paths = write_fisher_outputs(trainer.model.method, out / "fishertune")
-        scores = ", ".join(f"{name} {value:.1f}" for name, value in result.miou.items())
-        elapsed = time.time() - start
-        left = elapsed / (i + 1) * (len(methods) - i - 1)
-        print(f"[{i + 1}/{len(methods)}] {method}: mIoU {scores} ({_clock(result.seconds)}; "
-              f"{_clock(elapsed)} so far, about {_clock(left)} to go)", flush=True)
-
-    rows = table_rows(results, SOURCE, targets)
+    rows = summary_rows(summarize(records, SOURCE, targets))
     out.mkdir(parents=True, exist_ok=True)
     md, csv_path = write_table(rows, SOURCE, targets, out)
     chart = plot_miou(rows, SOURCE, targets, out / "miou.png")
     overlay_paths = []
     if overlays and budget.overlay_images > 0:
         cfg = demo_config(methods[0], budget=budget, out_dir=out, weights=weights, targets=targets)
-        overlay_paths = write_overlays(models, [*cfg.data.val, *cfg.data.test], cfg, out / "overlays",
-                                       budget.overlay_images)
+        overlay_paths = write_overlays(_final_models(records, seeds[0]), [*cfg.data.val, *cfg.data.test], cfg,
+                                       out / "overlays", budget.overlay_images)
 
     table = format_table(rows, SOURCE, targets)
-    print(f"\nmIoU (%), fine-tuned on '{SOURCE}' only, {budget.iters} iterations per method:\n\n{table}\n")
+    over = f", mean ± sample std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else ""
+    print(f"\nmIoU (%), fine-tuned on '{SOURCE}' only, {budget.iters} iterations per method{over}:\n\n{table}\n")
     print("A synthetic sanity check of the code and of the story (a frozen pretrained model generalizes; "
-          "how much each way of fine-tuning keeps of it), not the papers' benchmarks.\n")
-    print(f"written ({_clock(time.time() - start)} in all):")
+          "how much each way of fine-tuning keeps of it), not the papers' benchmarks."
+          + (" Differences within about two standard deviations are seed noise." if len(seeds) > 1 else "")
+          + " The seeded benchmark (benchmarks/bench_dg.py, docs/dg_benchmark.md) runs this experiment longer, "
+          "for more methods, with intervals.\n")
+    print(f"written ({clock(time.time() - start)} in all):")
     print(f"  table         {md}, {csv_path}")
     print(f"  bar chart     {chart}")
     if overlay_paths:
         print(f"  overlays      {out / 'overlays'}/<domain>.png (image, ground truth, each method), "
               f"{out / 'overlays'}/<method>/")
     if fisher_paths:
-        print(f"  FisherTune    {fisher_paths.get('per_block')}, {fisher_paths.get('per_type')}, "
-              f"{fisher_paths.get('distribution', '')}".rstrip(", "))
-    print(f"  runs          {out / 'runs'}/<method>/ (config.yaml, logs/, model_final.safetensors, eval/results.json)")
+        print(f"  FisherTune    {', '.join(str(p) for p in fisher_paths.values())}")
+    layout = "<method>/" if len(seeds) == 1 else "<method>/seed<k>/"
+    print(f"  runs          {out / 'runs'}/{layout} (config.yaml, logs/, model_final.safetensors, eval/results.json)")
     return rows

@@ -83,8 +83,9 @@ def _batch(iteration: int, batch_size: int, size) -> tuple[torch.Tensor, torch.T
 def pretrain_foundation(out: str | os.PathLike, *, iters: Optional[int] = None, progress: bool = True) -> Path:
     """Pretrain the foundation ViT (``PRETRAIN``; ``iters`` overrides the length) and write its
     backbone to ``out`` (safetensors, timm layout, the recipe and command in the metadata)."""
-    from safetensors.torch import save_file
     from tqdm import tqdm
+
+    from ..fileio import save_safetensors
 
     recipe = dict(PRETRAIN, iters=int(iters if iters is not None else PRETRAIN["iters"]))
     torch.manual_seed(recipe["seed"])
@@ -115,14 +116,12 @@ def pretrain_foundation(out: str | os.PathLike, *, iters: Optional[int] = None, 
             accuracy = (logits.argmax(1) == labels).float().mean().item()
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.3f}", refresh=False)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in backbone.model.state_dict().items()}
     meta = {"command": pretrain_command(out), "architecture": json.dumps(FOUNDATION),
             "recipe": json.dumps(recipe), "objective": "7 Cityscapes categories, linear probe on blocks "
             f"{list(backbone.out_indices[2:])}, cross-entropy", "seed_offset": str(PRETRAIN_SEED_OFFSET),
             "final_loss": f"{loss.item():.4f}", "seconds": f"{time.time() - start:.0f}"}
-    save_file(state, str(out), metadata=meta)
-    return out
+    return save_safetensors(state, out, metadata=meta)
 
 
 def _cache_dir() -> Path:

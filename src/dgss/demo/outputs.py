@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["table_rows", "format_table", "write_table", "plot_miou", "write_overlays"]
+__all__ = ["table_rows", "summary_rows", "format_table", "write_table", "plot_miou", "write_overlays"]
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -34,30 +34,54 @@ def table_rows(results, source: str, targets: Sequence[str]) -> list[dict]:
     return rows
 
 
+def summary_rows(summary: dict) -> list[dict]:
+    """:func:`table_rows` from the seeded benchmark's summary (:func:`dgss.demo.dg_stats.summarize`):
+    the mean over seeds, and with several seeds also "seeds" and "sd" (the sample std of each column)."""
+    source, targets = summary["source"], summary["targets"]
+    keys = {"source": source, **{t: t for t in targets}, "mean": "target"}
+    rows = []
+    for row, entry in summary["table"].items():
+        out = {"method": row, "trainable": entry["trainable"], **{k: entry[q]["mean"] for k, q in keys.items()}}
+        if entry["n"] > 1:
+            out["seeds"] = entry["n"]
+            out["sd"] = {k: entry[q]["sd"] for k, q in keys.items()}
+        rows.append(out)
+    return rows
+
+
 def format_table(rows: Sequence[dict], source: str, targets: Sequence[str]) -> str:
+    """Markdown, one decimal; rows over several seeds show "mean ± sd"."""
+    def cell(r: dict, key: str) -> str:
+        return f"{r[key]:.1f}" + (f" ± {r['sd'][key]:.1f}" if "sd" in r else "")
+
     head = ["method", "trainable backbone params", f"{source} (source)", *targets, "mean (targets)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["method"], f"{r['trainable']:,}", f"{r['source']:.1f}", *(f"{r[t]:.1f}" for t in targets),
-                 f"{r['mean']:.1f}"]
+        cells = [r["method"], f"{r['trainable']:,}", *(cell(r, k) for k in ("source", *targets, "mean"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def write_table(rows: Sequence[dict], source: str, targets: Sequence[str], out_dir: Path) -> tuple[Path, Path]:
-    """``results.md`` (one decimal) and ``results.csv`` (the values of the runs' results.json)."""
+    """``results.md`` (one decimal) and ``results.csv`` (the values of the runs' results.json; over
+    several seeds their mean, and a ``<column>_sd`` column each)."""
     md, csv_path = out_dir / "results.md", out_dir / "results.csv"
     md.write_text(format_table(rows, source, targets) + "\n")
+    keys = ("source", *targets, "mean")
+    columns = [f"{source}_source", *targets, "mean_targets"]
+    with_sd = any("sd" in r for r in rows)
     with open(csv_path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method", "trainable_backbone_params", f"{source}_source", *targets, "mean_targets"])
+        sd_columns = [f"{c}_sd" for c in columns] if with_sd else []
+        writer.writerow(["method", "trainable_backbone_params", *columns, *sd_columns])
         for r in rows:
-            writer.writerow([r["method"], r["trainable"], *(round(r[k], 4) for k in ("source", *targets, "mean"))])
+            sd = [round(r["sd"][k], 4) if "sd" in r else "" for k in keys] if with_sd else []
+            writer.writerow([r["method"], r["trainable"], *(round(r[k], 4) for k in keys), *sd])
     return md, csv_path
 
 
 def plot_miou(rows: Sequence[dict], source: str, targets: Sequence[str], path: Path) -> Path:
-    """Grouped bars: the source, each target and the target mean; one bar per method."""
+    """Grouped bars: the source, each target and the target mean; one bar per method (± std over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,7 +92,8 @@ def plot_miou(rows: Sequence[dict], source: str, targets: Sequence[str], path: P
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(groups), 3.6))
     for i, row in enumerate(rows):
         xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(groups))]
-        ax.bar(xs, [row[key] for key, _ in groups], width, label=row["method"])
+        yerr = [row["sd"][key] for key, _ in groups] if "sd" in row else None  # several seeds: ± sample std
+        ax.bar(xs, [row[key] for key, _ in groups], width, yerr=yerr, capsize=2, label=row["method"])
     ax.axvline(0.5, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xticks(range(len(groups)), [label for _, label in groups], fontsize=8)
     ax.set_ylabel("mIoU (%)")

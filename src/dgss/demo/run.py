@@ -3,12 +3,19 @@
 Every method gets the same experiment (the foundation ViT, a small Mask2Former head, the source
 domain's images, the augmentation recipe, AdamW + poly, the iteration budget and the seed); only
 ``method.name`` differs. Each run is a normal dgss run under ``OUT/runs/<method>/`` (config.yaml,
-logs, model_final.safetensors, eval/results.{json,md}), so ``dgss eval OUT/runs/rein/config.yaml
---checkpoint OUT/runs/rein/model_final.safetensors`` reproduces its row of the table.
+logs, model_final.safetensors, eval/results.{json,md} for the targets and their mean, eval/source.{json,md}
+for the source val split), so ``dgss eval OUT/runs/rein/config.yaml --checkpoint
+OUT/runs/rein/model_final.safetensors`` reproduces its row of the table.
+
+With ``curve_points`` > 1 the engine also writes checkpoints at evenly spaced iterations
+(:func:`curve_iterations`), and :func:`run_method` evaluates each of them the same way (the learning
+curves of the seeded benchmark, :mod:`dgss.demo.benchmark`).
 """
 
 from __future__ import annotations
 
+import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +23,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..config import ExperimentConfig, from_dict
+from ..config import ExperimentConfig, apply_overrides, from_dict, parse_overrides
 from .foundation import FOUNDATION
 
-__all__ = ["SOURCE", "TARGETS", "METHODS", "DemoBudget", "FULL_BUDGET", "QUICK_BUDGET", "demo_config",
-           "MethodResult", "run_method"]
+__all__ = ["SOURCE", "TARGETS", "METHODS", "DemoBudget", "FULL_BUDGET", "QUICK_BUDGET", "DEMO_SEEDS", "demo_config",
+           "curve_iterations", "MethodResult", "run_method", "evaluate_model_file"]
 
 SOURCE = "clean"  # flat colours, no texture or noise: the demo's "game" domain (GTAV's role)
 TARGETS = ("textured", "night", "fog", "rain", "colorshift")  # never seen in fine-tuning
@@ -43,7 +50,10 @@ class DemoBudget:
         return max(self.iters // 8, 2)
 
 
-FULL_BUDGET = DemoBudget(iters=400, train_images=400, eval_images=24, fisher_batches=8, overlay_images=2)
+# `make demo`: 4 methods x 3 seeds (DEMO_SEEDS) in two processes within 10 minutes on 2 cores; the seeded
+# benchmark (benchmarks/bench_dg.py, docs/dg_benchmark.md) runs the same experiment longer.
+FULL_BUDGET = DemoBudget(iters=240, train_images=240, eval_images=24, fisher_batches=8, overlay_images=2)
+DEMO_SEEDS = (0, 1, 2)
 QUICK_BUDGET = DemoBudget(iters=40, train_images=64, eval_images=6, fisher_batches=4, overlay_images=1)
 
 
@@ -52,14 +62,29 @@ def _synthetic(domain: str, split: str, n: int) -> dict:
             "options": {"domain": domain, "num_images": n, "size": IMAGE_SIZE}}
 
 
+def curve_iterations(iters: int, points: int) -> list[int]:
+    """The iterations at which a run is evaluated: every ``ceil(iters / points)`` iterations and the
+    last one (at most ``points`` of them; exactly ``points`` when ``points`` divides ``iters``)."""
+    if points <= 1:
+        return [iters]
+    interval = math.ceil(iters / points)
+    return [*range(interval, iters, interval), iters]
+
+
 def demo_config(method: str, *, budget: DemoBudget, out_dir: str | Path, weights: Optional[str],
-                targets: Sequence[str] = TARGETS, seed: int = 0) -> ExperimentConfig:
+                targets: Sequence[str] = TARGETS, seed: int = 0, overrides: Sequence[str] = (),
+                name: Optional[str] = None, device: str = "cpu", curve_points: int = 1) -> ExperimentConfig:
     """The demo experiment of ``method``: the foundation ViT (6 blocks, width 96, patch 16) with a small
     Mask2Former (64 channels, 20 queries, 3 decoder layers), 128 x 128 crops of the source domain,
-    batch 4, AdamW lr 1e-3 (full fine-tuning: backbone x 0.1, as the papers), whole-image evaluation."""
+    batch 4, AdamW lr 1e-3 (full fine-tuning: backbone x 0.1, as the papers), whole-image evaluation.
+
+    ``overrides``: dotted ``key=value`` items applied last (the benchmark's ablation rows); ``name``: the
+    run folder under ``OUT/runs`` (default: ``method``); ``curve_points`` > 1: checkpoints (all kept)
+    at :func:`curve_iterations`."""
     crop = IMAGE_SIZE[0]
+    interval = curve_iterations(budget.iters, curve_points)[0] if curve_points > 1 else 0
     raw = {
-        "name": method,
+        "name": name or method,
         "output_dir": str(Path(out_dir) / "runs"),
         "model": {
             "backbone": FOUNDATION["backbone"], "weights": weights, "img_size": FOUNDATION["img_size"],
@@ -72,7 +97,7 @@ def demo_config(method: str, *, budget: DemoBudget, out_dir: str | Path, weights
             "name": method,
             "rein": {"num_tokens": 20, "lora_rank": 4, "query_dim": 64},
             "fishertune": {"warmup_iters": budget.fisher_warmup, "num_batches": budget.fisher_batches,
-                           "rounds": 2, "delta_min": 0.01, "delta_max": 0.05},
+                           "delta_min": 0.01, "delta_max": 0.05},
         },
         "data": {
             "train": [_synthetic(SOURCE, "train", budget.train_images)],
@@ -82,11 +107,14 @@ def demo_config(method: str, *, budget: DemoBudget, out_dir: str | Path, weights
             "scales": [crop, crop + crop // 4, crop + crop // 2, 2 * crop],  # random short side, 1x-2x
             "num_workers": 0,
         },
-        "train": {"iters": budget.iters, "batch_size": 4, "lr": 1e-3, "seed": seed, "device": "cpu",
-                  "eval_interval": 0, "checkpoint_interval": 0, "log_interval": max(budget.iters // 4, 1)},
+        "train": {"iters": budget.iters, "batch_size": 4, "lr": 1e-3, "seed": seed, "device": device,
+                  "eval_interval": 0, "checkpoint_interval": interval, "keep_checkpoints": 0,
+                  "log_interval": max(budget.iters // 4, 1)},
         "eval": {"mode": "whole"},
     }
-    return from_dict(ExperimentConfig, raw)
+    if overrides:
+        raw = apply_overrides(raw, parse_overrides(list(overrides)))
+    return from_dict(ExperimentConfig, raw, source="the demo's experiment" + (" with overrides" if overrides else ""))
 
 
 @dataclass
@@ -98,17 +126,42 @@ class MethodResult:
     trainable: int
     miou: dict[str, float] = field(default_factory=dict)  # source val first, then the targets
     seconds: float = 0.0
+    # iteration -> mIoU per dataset, at curve_iterations (the last one is ``miou``)
+    curve: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
-def run_method(cfg: ExperimentConfig, *, progress: bool = True, keep_fisher_scores: bool = True):
-    """Train ``cfg`` with the engine, reload its model file as `dgss eval` does and evaluate it on the
-    source val split and every target. Returns (MethodResult, the reloaded Segmentor, the Trainer)."""
+def evaluate_model_file(cfg: ExperimentConfig, path: Path, *, ctx=None, progress: bool = False):
+    """Build ``cfg``'s model, load the model file ``path`` as `dgss eval` does and evaluate it on the
+    source val split and every target. Returns (DatasetResults, source val first; the Segmentor)."""
     from tqdm import tqdm
 
     from ..engine.checkpoint import load_model_weights
-    from ..engine.evaluate import evaluate_dataset, write_results
-    from ..engine.trainer import Trainer, seed_everything
+    from ..engine.distributed import DistContext
+    from ..engine.evaluate import evaluate_dataset
+    from ..engine.trainer import seed_everything
     from ..models.segmentor import build_segmentor
+
+    ctx = ctx or DistContext()
+    seed_everything(cfg.train.seed)
+    model = build_segmentor(cfg)
+    load_model_weights(model, path)  # frozen-backbone files re-attach the foundation ViT, fingerprint-checked
+    model.to(ctx.device)
+    datasets = [*cfg.data.val, *cfg.data.test]
+    results = [evaluate_dataset(model, ds, cfg, ctx, num_workers=0)
+               for ds in tqdm(datasets, desc=f"evaluate {cfg.name}", disable=not progress, dynamic_ncols=True,
+                              unit="domain")]
+    return results, model
+
+
+def run_method(cfg: ExperimentConfig, *, progress: bool = True, keep_fisher_scores: bool = True,
+               keep_checkpoints: bool = False):
+    """Train ``cfg`` with the engine, reload its model file as `dgss eval` does and evaluate it on the
+    source val split and every target; the same for each checkpoint of the learning curve
+    (``train.checkpoint_interval``), whose files are deleted afterwards unless ``keep_checkpoints``.
+    Returns (MethodResult, the reloaded Segmentor, the Trainer)."""
+    from ..engine.checkpoint import checkpoint_paths
+    from ..engine.evaluate import write_results
+    from ..engine.trainer import Trainer
 
     start = time.time()
     cfg.train.progress_bar = progress
@@ -117,17 +170,24 @@ def run_method(cfg: ExperimentConfig, *, progress: bool = True, keep_fisher_scor
         trainer.model.method.keep_scores = True  # for the DR-FIM distribution plot
     final = trainer.train()
 
-    seed_everything(cfg.train.seed)
-    model = build_segmentor(cfg)
-    load_model_weights(model, final)  # frozen-backbone files re-attach the foundation ViT, fingerprint-checked
-    datasets = [*cfg.data.val, *cfg.data.test]
-    results = []
-    for ds in tqdm(datasets, desc=f"evaluate {cfg.method.name}", disable=not progress, dynamic_ncols=True,
-                   unit="domain"):
-        results.append(evaluate_dataset(model, ds, cfg, num_workers=0))
-    write_results(results, cfg.run_dir / "eval", checkpoint=str(final))
+    curve = {}
+    interval = cfg.train.checkpoint_interval
+    checkpoints = range(interval, cfg.train.iters, interval) if interval > 0 else ()  # the last: the final model
+    for iteration in checkpoints:
+        results, _ = evaluate_model_file(cfg, checkpoint_paths(trainer.checkpoint_dir, iteration)[0], ctx=trainer.ctx,
+                                         progress=progress)
+        curve[iteration] = {r.name: r.miou for r in results}
+    results, model = evaluate_model_file(cfg, final, ctx=trainer.ctx, progress=progress)
+    curve[cfg.train.iters] = {r.name: r.miou for r in results}
+    if not keep_checkpoints and cfg.train.checkpoint_interval > 0:
+        shutil.rmtree(trainer.checkpoint_dir, ignore_errors=True)  # evaluated; the final model stays
+    # eval/results.* hold the targets and their mean, as `dgss eval` writes them and as the demo's table
+    # averages them; the source (model selection's domain, never a target) goes to eval/source.*
+    num_source = len(cfg.data.val)
+    write_results(results[num_source:], cfg.run_dir / "eval", checkpoint=str(final))
+    write_results(results[:num_source], cfg.run_dir / "eval", stem="source", checkpoint=str(final))
     row = MethodResult(cfg.method.name, cfg.run_dir, int(model.method.num_trainable_backbone_parameters()),
-                       {r.name: r.miou for r in results}, time.time() - start)
+                       {r.name: r.miou for r in results}, time.time() - start, curve)
     return row, model, trainer
 
 

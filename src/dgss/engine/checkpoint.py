@@ -14,28 +14,35 @@ A checkpoint of iteration N in ``RUN/checkpoints`` is two files and a pointer:
 * ``last``: a small JSON file naming the newest complete checkpoint, replaced last.
 
 Every file is written to a temporary name and renamed (``os.replace`` is atomic on POSIX), so a
-process killed while saving leaves the previous checkpoint and pointer intact.
+process killed while saving leaves the previous checkpoint and pointer intact
+(:func:`dgss.fileio.atomic_write`); the temporary files such a process leaves behind are deleted at the
+next save.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
+import re
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from ..fileio import atomic_write, describe_load_error, remove_stale_temp_files
 from ..tuning.rein_checkpoint import load_segmentor_state, read_model_file_metadata, save_model_file
 
 __all__ = [
     "CheckpointError",
     "atomic_write",
     "backbone_fingerprint",
+    "DIVERGED_WEIGHT",
+    "diverged_tensors",
     "stores_backbone",
     "save_model",
     "load_model_weights",
@@ -54,33 +61,6 @@ POINTER_NAME = "last"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not fit the model; the message names the file."""
-
-
-def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(temporary_path)``, flush it to disk and rename it to ``path``.
-
-    A crash at any moment leaves either the old file or the complete new one under ``path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(str(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,6 +82,24 @@ def backbone_fingerprint(backbone) -> str:
         values = torch.stack(stats).cpu().numpy()
         digest.update(np.round(values, 6).tobytes())  # rounding: sums differ in the last bits across devices
     return digest.hexdigest()[:16]
+
+
+# A weight whose square overflows float32 (|w| > 1.8e19) makes every fp32 sum of squares through it
+# (LayerNorm's variance, a norm, an attention logit) infinite: the model is diverged even while each
+# entry is still finite, as the ~1e30 weights a run reaches a step before its loss turns NaN.
+DIVERGED_WEIGHT = math.sqrt(torch.finfo(torch.float32).max)
+
+
+@torch.no_grad()
+def diverged_tensors(module: torch.nn.Module) -> list[str]:
+    """Names of ``module``'s floating-point parameters and buffers holding NaN, inf or an entry beyond
+    :data:`DIVERGED_WEIGHT` in magnitude (empty: the weights are usable)."""
+    bad = []
+    for name, tensor in module.state_dict().items():
+        if (tensor.is_floating_point() or tensor.is_complex()) and tensor.numel() \
+                and not bool((tensor.abs() <= DIVERGED_WEIGHT).all()):  # NaN compares False
+            bad.append(name)
+    return bad
 
 
 def stores_backbone(segmentor, cfg) -> bool:
@@ -164,18 +162,30 @@ def checkpoint_paths(directory: PathLike, iteration: int) -> tuple[Path, Path]:
 def save_training_checkpoint(directory: PathLike, iteration: int, segmentor, cfg, state: dict, *,
                              fingerprint: Optional[str] = None, keep: int = 0) -> Path:
     """Write the checkpoint after ``iteration`` completed iterations, then point ``last`` at it and
-    delete all but the ``keep`` newest (0: keep all). Returns the model file's path."""
+    delete the earlier ones but the ``keep - 1`` newest of them (0: keep all). Returns the model file's path."""
     directory = Path(directory)
+    remove_stale_temp_files(directory)  # what a save killed earlier left behind (dead writers only)
     model_path, state_path = checkpoint_paths(directory, iteration)
     save_model(segmentor, cfg, model_path, metadata={"iteration": iteration}, fingerprint=fingerprint)
     atomic_write(state_path, lambda tmp: torch.save({**state, "iteration": iteration}, tmp))
     pointer = json.dumps({"iteration": iteration, "model": model_path.name, "state": state_path.name})
     atomic_write(directory / POINTER_NAME, lambda tmp: Path(tmp).write_text(pointer + "\n"))
     if keep > 0:
-        for old_model in sorted(directory.glob("iter_*.safetensors"))[:-keep]:
+        # Only checkpoints before this one are candidates, so the file `last` now names is never deleted.
+        # Later-numbered ones (left when a run is resumed from an earlier checkpoint) are not this run's
+        # past: they are left alone and overwritten as the run reaches their iterations.
+        older = sorted((n, p) for p in directory.glob("iter_*.safetensors")
+                       if (n := _checkpoint_iteration(p)) is not None and n < iteration)
+        for _, old_model in older[:max(len(older) - (keep - 1), 0)]:
             old_model.unlink(missing_ok=True)
             old_model.with_suffix(".state.pt").unlink(missing_ok=True)
     return model_path
+
+
+def _checkpoint_iteration(path: Path) -> Optional[int]:
+    """N of ``iter_N.safetensors`` (a number, not the name: sorting names breaks past 7 digits)."""
+    match = re.fullmatch(r"iter_(\d+)\.safetensors", path.name)
+    return int(match[1]) if match else None
 
 
 def latest_checkpoint(directory: PathLike) -> Optional[Path]:
@@ -221,7 +231,7 @@ def load_training_state(path: PathLike) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"cannot read training state {path}: {err}") from err
+        raise CheckpointError(f"cannot read training state {path}: {describe_load_error(err)}") from err
 
 
 def capture_rng_state() -> dict:

@@ -4,6 +4,9 @@ Markdown reports (protocols.md "Evaluation").
     results = evaluate_datasets(model, cfg.data.test, cfg, ctx)   # every process calls it
     print(format_markdown(results))                              # per-class IoU, mIoU, mean
     write_results(results, "runs/exp/eval")                      # results.json + results.md
+
+    # or written as each dataset finishes (a later failure keeps the finished ones on disk):
+    evaluate_datasets(model, cfg.data.test, cfg, ctx, on_result=results_writer("runs/exp/eval", echo=print))
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
+from tqdm import tqdm
 
 from ..config import DatasetConfig, ExperimentConfig
 from ..data import build_eval_loader
@@ -23,7 +28,7 @@ from .distributed import DistContext
 from .metrics import ConfusionMatrix
 
 __all__ = ["DatasetResult", "evaluate_dataset", "evaluate_datasets", "autocast_context", "results_to_dict",
-           "format_markdown", "write_results"]
+           "format_markdown", "write_results", "results_writer", "results_complete"]
 
 
 @dataclass
@@ -48,16 +53,19 @@ def autocast_context(amp: str, device: torch.device):
 
 @torch.no_grad()
 def evaluate_dataset(model, ds_cfg: DatasetConfig, cfg: ExperimentConfig, ctx: DistContext = DistContext(),
-                     *, amp: str = "none", num_workers: Optional[int] = None) -> DatasetResult:
+                     *, amp: str = "none", num_workers: Optional[int] = None, progress: bool = False) -> DatasetResult:
     """Scores of ``model`` (a Segmentor, inference as ``cfg.eval`` says) on one dataset. Each process
-    evaluates its share of the images; the confusion matrices are summed over processes."""
+    evaluates its share of the images; the confusion matrices are summed over processes. ``progress``:
+    a tqdm bar of the images on the main process (``dgss eval`` follows ``train.progress_bar``)."""
     loader = build_eval_loader(ds_cfg, cfg.data, rank=ctx.rank, world_size=ctx.world_size, num_workers=num_workers)
     dataset = loader.dataset
     was_training = model.training
     model.eval()
     matrix = ConfusionMatrix(model.num_classes, ignore_index=model.ignore_index)
     count = torch.zeros(1, dtype=torch.int64)
-    for batch in loader:
+    bar = tqdm(total=len(loader), desc=loader.name, unit="img", disable=not (progress and ctx.is_main),
+               dynamic_ncols=True, file=sys.stderr, leave=False)
+    for batch in _counted(loader, bar):
         if "label" not in batch:
             raise ValueError(f"dataset '{loader.name}' has no labels (with_labels: false): it cannot be evaluated")
         images = batch["image"].to(ctx.device, non_blocking=True)
@@ -65,6 +73,7 @@ def evaluate_dataset(model, ds_cfg: DatasetConfig, cfg: ExperimentConfig, ctx: D
             scores = model.inference(images, out_size=tuple(batch["label"].shape[-2:]))
         matrix.update(scores.argmax(1).cpu(), batch["label"])
         count += images.shape[0]
+    bar.close()
     matrix.all_reduce()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         count = count.to(ctx.device) if torch.distributed.get_backend() == "nccl" else count
@@ -78,10 +87,31 @@ def evaluate_dataset(model, ds_cfg: DatasetConfig, cfg: ExperimentConfig, ctx: D
                          num_images=int(count.item()), eval_class_ids=None if ids is None else list(ids))
 
 
+def _counted(batches, bar):
+    """The batches, advancing ``bar`` by each batch's images once it has been processed."""
+    for batch in batches:
+        yield batch
+        bar.update(batch["image"].shape[0])
+
+
 def evaluate_datasets(model, datasets: Sequence[DatasetConfig], cfg: ExperimentConfig,
                       ctx: DistContext = DistContext(), *, amp: str = "none",
-                      num_workers: Optional[int] = None) -> list[DatasetResult]:
-    return [evaluate_dataset(model, d, cfg, ctx, amp=amp, num_workers=num_workers) for d in datasets]
+                      num_workers: Optional[int] = None, progress: bool = False,
+                      on_result: Optional[Callable[[list[DatasetResult], list[str]], None]] = None
+                      ) -> list[DatasetResult]:
+    """:func:`evaluate_dataset` on each of ``datasets``; ``progress``: a bar of the datasets above each
+    dataset's bar of images. ``on_result(results so far, names of the datasets still to do)`` is called
+    on the main process as each dataset finishes (e.g. :func:`results_writer`)."""
+    from ..data.builder import dataset_name
+
+    results = []
+    for i, ds in enumerate(tqdm(datasets, desc="evaluate", unit="dataset",
+                                disable=not (progress and ctx.is_main and datasets), dynamic_ncols=True,
+                                file=sys.stderr)):
+        results.append(evaluate_dataset(model, ds, cfg, ctx, amp=amp, num_workers=num_workers, progress=progress))
+        if on_result is not None and ctx.is_main:
+            on_result(list(results), [dataset_name(d) for d in datasets[i + 1:]])
+    return results
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -89,12 +119,16 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def results_to_dict(results: Sequence[DatasetResult], *, checkpoint: Optional[str] = None) -> dict:
-    """JSON form: per dataset mIoU, pixel accuracy and per-class IoU (null for NaN), and the mean."""
+def results_to_dict(results: Sequence[DatasetResult], *, checkpoint: Optional[str] = None,
+                    pending: Sequence[str] = ()) -> dict:
+    """JSON form: per dataset mIoU, pixel accuracy and per-class IoU (null for NaN), and the mean.
+    ``pending``: datasets still being evaluated (a "pending" list, only while there are any)."""
     def number(v: float):
         return None if math.isnan(v) else round(v, 4)
 
     out = {"checkpoint": checkpoint, "datasets": {}, "mean_miou": number(_mean([r.miou for r in results]))}
+    if pending:
+        out["pending"] = list(pending)
     for r in results:
         out["datasets"][r.name] = {
             "miou": number(r.miou), "pixel_accuracy": number(r.pixel_accuracy), "num_images": r.num_images,
@@ -120,11 +154,42 @@ def format_markdown(results: Sequence[DatasetResult]) -> str:
 
 
 def write_results(results: Sequence[DatasetResult], out_dir, *, stem: str = "results",
-                  checkpoint: Optional[str] = None) -> tuple[Path, Path]:
-    """``out_dir/<stem>.json`` and ``out_dir/<stem>.md``."""
+                  checkpoint: Optional[str] = None, pending: Sequence[str] = ()) -> tuple[Path, Path]:
+    """``out_dir/<stem>.json`` and ``out_dir/<stem>.md``, each replaced atomically (a reader, or a kill,
+    sees the previous complete file or the new one). ``pending``: datasets not evaluated yet."""
+    from ..fileio import atomic_write
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    json_path.write_text(json.dumps(results_to_dict(results, checkpoint=checkpoint), indent=2) + "\n")
-    md_path.write_text(format_markdown(results) + "\n")
+    text = json.dumps(results_to_dict(results, checkpoint=checkpoint, pending=pending), indent=2) + "\n"
+    table = format_markdown(results) + "\n"
+    if pending:
+        table += f"\nstill being evaluated: {', '.join(pending)}\n"
+    atomic_write(md_path, lambda tmp: Path(tmp).write_text(table))
+    atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))  # last: results.json complete means all is
     return json_path, md_path
+
+
+def results_writer(out_dir, *, stem: str = "results", checkpoint: Optional[str] = None,
+                   echo: Optional[Callable[[str], None]] = None):
+    """An ``on_result`` for :func:`evaluate_datasets`: rewrites ``out_dir/<stem>.{json,md}`` after each
+    dataset (with the datasets still to do as "pending") and ``echo``-es the dataset's mIoU line."""
+    def write(results: list[DatasetResult], pending: list[str]) -> None:
+        json_path, _ = write_results(results, out_dir, stem=stem, checkpoint=checkpoint, pending=pending)
+        if echo is not None:
+            last = results[-1]
+            echo(f"{last.name}: mIoU {last.miou:.2f} ({last.num_images} images; {len(results)} of "
+                 f"{len(results) + len(pending)} datasets written to {json_path})")
+
+    return write
+
+
+def results_complete(path) -> bool:
+    """Whether the results file ``path`` exists and lists no dataset as still pending."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        return not json.loads(path.read_text()).get("pending")
+    except (ValueError, AttributeError):
+        return False

@@ -60,8 +60,9 @@ class TrainLogger:
     def step(self, iteration: int, loss: float, lr: float) -> None:
         """After iteration ``iteration`` (1-based count of completed iterations)."""
         if self._bar is not None:
-            self._bar.update(iteration - self._bar.n)
+            # postfix first: update() redraws the bar, which must show this iteration's loss with its count
             self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            self._bar.update(iteration - self._bar.n)
 
     def scalars(self, iteration: int, values: dict[str, float], *, prefix: str = "train",
                 line: Optional[str] = None) -> None:

@@ -18,6 +18,8 @@ iteration (also the first one after a resume) and may use:
   ``trainer.rank``, ``trainer.world_size``, ``trainer.num_train_images`` (all sources);
 * ``trainer.rebuild_optimizer()``: call it (on every process) after changing which tensors train;
   tensors that keep training keep their AdamW moments, and DDP is re-wrapped.
+* ``trainer.optimizer``: its groups' options other than ``lr`` may be scheduled here (SoMA anneals
+  ``weight_decay``); the engine sets ``lr`` itself after the hook.
 
 A method whose decisions change the trainable set must keep them in its state dict: the model file
 of a checkpoint restores them, and the optimizer state is matched to parameters by name. Optional:
@@ -36,8 +38,9 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import ExperimentConfig, save_config, to_dict
+from ..config import NON_EXPERIMENT_KEYS, ExperimentConfig, config_differences, save_config, to_dict, validate_config
 from ..data import build_train_loader
+from ..fileio import remove_stale_temp_files
 from ..models.segmentor import build_segmentor
 from . import checkpoint as ckpt
 from .data_stream import ResumableBatches
@@ -48,13 +51,24 @@ from .optim import build_optimizer, load_optimizer_state_by_name, optimizer_stat
 from .schedule import PolySchedule
 from .speed import apply_speed_options, compile_errors, without_checkpointing
 
-__all__ = ["Trainer", "NonFiniteLossError", "seed_everything", "FINAL_MODEL_NAME"]
+__all__ = ["Trainer", "NonFiniteLossError", "DivergedWeightsError", "RunFolderInUseError", "seed_everything",
+           "FINAL_MODEL_NAME"]
 
 FINAL_MODEL_NAME = "model_final.safetensors"
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite (``train.nan_policy: stop``)."""
+    """The loss became NaN or infinite (``train.nan_policy: stop``, or more than
+    ``train.max_consecutive_skips`` times in a row under ``skip``)."""
+
+
+class DivergedWeightsError(NonFiniteLossError):
+    """The weights diverged (NaN/inf, or beyond :data:`dgss.engine.checkpoint.DIVERGED_WEIGHT`) when a
+    checkpoint or the final model was due; nothing was written. A NonFiniteLossError: the run diverged."""
+
+
+class RunFolderInUseError(ckpt.CheckpointError):
+    """A new (not resumed) run was started in a folder that holds another run's training outputs."""
 
 
 def seed_everything(seed: int) -> None:
@@ -63,15 +77,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for key in sorted(set(old) | set(new)):
-        a, b, name = old.get(key), new.get(key), f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _config_differences(a, b, name + ".")
-        elif a != b:
-            keys.append(name)
-    return keys
+def _earlier_run_outputs(run_dir: Path) -> list[str]:
+    """What an earlier training left in ``run_dir``: its final model, checkpoints or metrics log."""
+    found = []
+    if (run_dir / FINAL_MODEL_NAME).exists():
+        found.append(FINAL_MODEL_NAME)
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        found.append("checkpoints/")
+    if (run_dir / "logs" / "metrics.jsonl").exists():
+        found.append("logs/metrics.jsonl")
+    return found
+
+
+def refuse_earlier_run(run_dir: Path) -> None:
+    """A new run must not mix with an earlier one in its folder (checkpoints pruned across runs, a
+    ``last`` pointer of the other run, one metrics log for both): refuse, naming the ways out."""
+    found = _earlier_run_outputs(run_dir)
+    if not found:
+        return
+    resumable = (run_dir / "checkpoints" / ckpt.POINTER_NAME).is_file()
+    way_out = ("continue it with --resume (Trainer(cfg, resume=True)), or start this one in another folder"
+               if resumable else "it has no checkpoint to resume from: start this one in another folder")
+    raise RunFolderInUseError(f"run folder {run_dir} already holds a training run ({', '.join(found)}); {way_out} "
+                              "(name=... or output_dir=...), or delete that folder first")
 
 
 class Trainer:
@@ -79,17 +108,18 @@ class Trainer:
 
     Args:
         cfg: the resolved experiment config; outputs go to ``cfg.run_dir``.
-        resume: None/False for a new run, True for the newest checkpoint in ``RUN/checkpoints``, or
-            a checkpoint file (either file of the pair) or folder.
+        resume: None/False for a new run (refused with :class:`RunFolderInUseError` when ``cfg.run_dir``
+            holds another run's final model, checkpoints or log), True for the newest checkpoint in
+            ``RUN/checkpoints``, or a checkpoint file (either file of the pair) or folder.
         ctx: the process context; default: from torchrun's environment (``init_distributed``).
     """
 
     def __init__(self, cfg: ExperimentConfig, *, resume: Union[None, bool, str, Path] = None,
                  ctx: Optional[DistContext] = None) -> None:
         train = cfg.train
-        if train.grad_accum < 1 or train.batch_size < 1:
-            raise ValueError(f"train.grad_accum and train.batch_size must be >= 1, got {train.grad_accum}, "
-                             f"{train.batch_size}")
+        validate_config(cfg)  # the names and values `dgss config` checks, before anything is built
+        if not resume:  # before any expensive work: whether a new run may start in this folder
+            refuse_earlier_run(cfg.run_dir)
         self.cfg = cfg
         self.ctx = ctx if ctx is not None else init_distributed(train.device)
         self.device, self.rank, self.world_size = self.ctx.device, self.ctx.rank, self.ctx.world_size
@@ -103,6 +133,9 @@ class Trainer:
             warnings.warn(f"train.amp={train.amp} applies on a GPU only; training in fp32 on the CPU", stacklevel=2)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
         self.last_checkpoint: Optional[Path] = None
+        # nan_policy skip: optimizer steps skipped in the whole run, and in a row now (both resume)
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
 
         seed_everything(train.seed)  # identical initial weights on every process
         self.model = build_segmentor(cfg).to(self.device)
@@ -114,12 +147,18 @@ class Trainer:
         if resume:
             model_path, state_path = ckpt.resolve_checkpoint(None if resume is True else resume, self.checkpoint_dir)
             meta = ckpt.load_model_weights(self.model, model_path)
+            diverged = ckpt.diverged_tensors(self.model)  # e.g. written before dgss checked weights
+            if diverged:
+                raise ckpt.CheckpointError(f"{model_path} holds diverged weights ({', '.join(diverged[:5])}: NaN, inf "
+                                           "or beyond 1.8e19): resume from an earlier checkpoint")
             state = ckpt.load_training_state(state_path)
             if meta.get("iteration") != state.get("iteration"):
                 raise ckpt.CheckpointError(f"{model_path} (iteration {meta.get('iteration')}) and {state_path} "
                                            f"(iteration {state.get('iteration')}) are not one checkpoint")
             self._warn_config_changes(meta.get("config", {}), model_path)
             self.iteration, data_position = int(state["iteration"]), int(state["data_position"])
+            self.skipped_steps = int(state.get("skipped_steps", 0))
+            self.consecutive_skips = int(state.get("consecutive_skips", 0))
             if state.get("world_size", 1) != self.world_size or state.get("batch_size") != train.batch_size:
                 warnings.warn(f"{model_path} was written with {state.get('world_size')} process(es) of batch "
                               f"{state.get('batch_size')}; resuming with {self.world_size} of {train.batch_size} "
@@ -184,6 +223,8 @@ class Trainer:
         cfg, train = self.cfg, self.cfg.train
         main = self.ctx.is_main
         if main:
+            for folder in (self.run_dir, self.checkpoint_dir):  # temporary files of a save that was killed
+                remove_stale_temp_files(folder)
             save_config(cfg, self.run_dir / "config.yaml")
         log = TrainLogger(self.run_dir / "logs", total_iters=self.total_iters, start_iter=self.iteration,
                           enabled=main, progress_bar=train.progress_bar)
@@ -204,15 +245,20 @@ class Trainer:
                     self.validate(log)
                 if train.checkpoint_interval > 0 and self.iteration % train.checkpoint_interval == 0:
                     self.save_checkpoint(log)
+            if self.skipped_steps:
+                log.info(f"skipped {self.skipped_steps} of {self.total_iters} optimizer steps (non-finite loss, "
+                         "train.nan_policy=skip)")
             return self._save_final(log)
         finally:
             log.close()
 
     def train_step(self, iteration: int) -> tuple[dict[str, float], float]:
         """One optimizer step of ``grad_accum`` micro-batches; returns the loss terms (mean over
-        micro-batches and processes) and the lr."""
+        micro-batches and processes) and the base lr (``train.lr`` on the schedule)."""
         train = self.cfg.train
-        lr = self.schedule.apply(self.optimizer, iteration)
+        self.schedule.apply(self.optimizer, iteration)
+        # the base lr, not the first group's: groups scale it (full fine-tuning's backbone group by x 0.1)
+        lr = train.lr * self.schedule.factor(iteration)
         self.optimizer.zero_grad(set_to_none=True)
         forward = self.ddp_model if self.ddp_model is not None else self.model
         totals: dict[str, torch.Tensor] = {}
@@ -247,18 +293,44 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        self.consecutive_skips = 0
         return values, lr
 
+    def _last_good_checkpoint(self) -> str:
+        if self.last_checkpoint is None:
+            return "no checkpoint had been written yet"
+        # a checkpoint is written only after _check_weights passed, and resumed only after the same check
+        return f"the last checkpoint ({self.last_checkpoint}, weights checked finite and in range) is intact"
+
     def _non_finite(self, iteration: int, value: float) -> dict[str, float]:
-        where = f"the last checkpoint ({self.last_checkpoint}) is intact" if self.last_checkpoint else \
-            "no checkpoint had been written yet"
+        train = self.cfg.train
         message = f"non-finite loss ({value}) at iteration {iteration + 1} of {self.total_iters}"
-        if self.cfg.train.nan_policy == "stop":
-            raise NonFiniteLossError(f"{message}: training stopped and nothing was saved; {where}. Lower train.lr, "
-                                     "set train.clip_grad, or train.nan_policy=skip to skip such steps")
-        warnings.warn(f"{message}: optimizer step skipped (train.nan_policy=skip)", stacklevel=2)
+        if train.nan_policy == "stop":
+            raise NonFiniteLossError(f"{message}: training stopped and nothing was saved; "
+                                     f"{self._last_good_checkpoint()}. Lower train.lr, set train.clip_grad, or "
+                                     "train.nan_policy=skip to skip such steps")
+        self.consecutive_skips += 1
+        if self.consecutive_skips > train.max_consecutive_skips:
+            raise NonFiniteLossError(
+                f"{message}, {self.consecutive_skips} in a row (train.max_consecutive_skips="
+                f"{train.max_consecutive_skips}): skipping does not recover this run; training stopped and nothing "
+                f"was saved; {self._last_good_checkpoint()}. Lower train.lr or set train.clip_grad")
+        self.skipped_steps += 1
+        warnings.warn(f"{message}: optimizer step skipped (train.nan_policy=skip; {self.consecutive_skips} in a row, "
+                      f"{self.skipped_steps} in all)", stacklevel=2)
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": value}
+
+    def _check_weights(self, what: str) -> None:
+        """Refuse to write ``what`` from diverged weights (every process checks: the same weights under
+        DDP, so all of them stop together instead of waiting for each other)."""
+        bad = ckpt.diverged_tensors(self.model)
+        if bad:
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise DivergedWeightsError(
+                f"the weights diverged by iteration {self.iteration} of {self.total_iters} ({shown}: NaN, inf or "
+                f"beyond {ckpt.DIVERGED_WEIGHT:.2g}): {what} was not written; {self._last_good_checkpoint()}. "
+                "Lower train.lr or set train.clip_grad")
 
     # ------------------------------------------------------------------ validation, files
 
@@ -283,10 +355,12 @@ class Trainer:
         return {"optimizer": optimizer_state_by_name(self.optimizer, self.model),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {},
                 "rng": rng, "data_position": self.batches.position, "world_size": self.world_size,
-                "batch_size": self.cfg.train.batch_size}
+                "batch_size": self.cfg.train.batch_size, "skipped_steps": self.skipped_steps,
+                "consecutive_skips": self.consecutive_skips}
 
     def save_checkpoint(self, log: Optional[TrainLogger] = None) -> Optional[Path]:
         """Checkpoint after ``self.iteration`` iterations (rank 0 writes; every process must call it)."""
+        self._check_weights(f"the checkpoint of iteration {self.iteration}")
         state = self._training_state()
         path = None
         if self.ctx.is_main:
@@ -300,8 +374,10 @@ class Trainer:
 
     def _save_final(self, log: TrainLogger) -> Path:
         path = self.run_dir / FINAL_MODEL_NAME
+        self._check_weights("the final model")
         if self.ctx.is_main:
-            ckpt.save_model(self.model, self.cfg, path, metadata={"iteration": self.iteration},
+            ckpt.save_model(self.model, self.cfg, path,
+                            metadata={"iteration": self.iteration, "skipped_steps": self.skipped_steps},
                             fingerprint=self._fingerprint)
             log.info(f"final model: {path}")
         barrier()
@@ -319,9 +395,8 @@ class Trainer:
             log.info(f"resumed at iteration {self.iteration} from {self.last_checkpoint}")
 
     def _warn_config_changes(self, saved: dict, path: Path) -> None:
-        cosmetic = ("train.iters", "train.progress_bar", "train.log_interval", "train.device", "data.num_workers",
-                    "train.grad_checkpointing", "train.compile")  # speed options: the same training
-        changed = [k for k in _config_differences(saved, to_dict(self.cfg)) if not k.startswith(cosmetic)]
+        # a resume may also extend the run (train.iters)
+        changed = config_differences(saved, to_dict(self.cfg), ignore=(*NON_EXPERIMENT_KEYS, "train.iters"))
         if changed and self.ctx.is_main:
             warnings.warn(f"resuming {path} with a config that differs in: {', '.join(changed[:10])}", stacklevel=3)
 

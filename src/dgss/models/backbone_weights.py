@@ -3,14 +3,15 @@
 Supported files:
   * DINOv2 official ``.pth`` (``dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth``), with and without registers;
   * EVA02 official ``.pt`` (``eva02_L_pt_m38m_p14.pt``, keys under ``module``/``model``);
-  * CLIP: OpenAI's ``ViT-L-14.pt`` (a TorchScript archive, read for its tensors only) or a state dict
-    with ``visual.*`` keys;
+  * CLIP: OpenAI's ``ViT-L-14.pt`` (a TorchScript archive, taken apart for its tensors without running
+    it: :mod:`dgss.models.torchscript_weights`) or a state dict with ``visual.*`` keys;
   * SAM official ``sam_vit_{b,l,h}_*.pth`` (``image_encoder.*`` keys; the prompt encoder and mask
     decoder are ignored);
   * MAE official ``mae_pretrain_vit_large.pth`` (``{"model": ...}``);
   * DINOv3 official ``.pth``; timm ``.safetensors``/``.pth``/``.bin`` for every family.
 
-Files are read with ``safetensors`` or ``torch.load(weights_only=True)``: nothing is unpickled.
+Files are read with ``safetensors``, ``torch.load(weights_only=True)`` or, for TorchScript archives, a
+restricted unpickler that builds tensors only: no code in a file is imported or run.
 timm's own checkpoint filters convert the layouts; this module adds what they do not do: Rein's
 14 -> 16 patch conversion, and SAM's position embedding and relative-position tables at a new size.
 A file whose keys do not fit the model fails with the missing and unexpected keys listed.
@@ -20,12 +21,14 @@ from __future__ import annotations
 
 import math
 import os
-import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from ..fileio import describe_load_error
+from .torchscript_weights import TorchScriptReadError, is_torchscript_archive, read_torchscript_state_dict
 
 if TYPE_CHECKING:
     from .backbones import Backbone
@@ -41,7 +44,8 @@ class BackboneWeightsError(RuntimeError):
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a tensor dict from ``.safetensors``/``.pth``/``.pt``/``.bin`` without unpickling code."""
+    """Read a tensor dict from ``.safetensors``/``.pth``/``.pt``/``.bin`` or a TorchScript archive without
+    importing or running anything the file names."""
     path = Path(path)
     if not path.is_file():
         raise BackboneWeightsError(f"backbone weights file not found: {path}")
@@ -49,24 +53,20 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
+    if is_torchscript_archive(path):
+        # OpenAI's CLIP release is a TorchScript archive: taken apart for its tensors, never loaded with
+        # torch.jit.load (which runs the archive's code); checked first, as torch.load hands such archives to it
+        try:
+            return read_torchscript_state_dict(path)
+        except TorchScriptReadError as err:
+            raise BackboneWeightsError(f"cannot read {path} as a TorchScript weights archive: {err}") from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - we re-raise with the file name below
-        if _is_torchscript(path):
-            # OpenAI's CLIP release is a TorchScript archive; its tensors are read without Python pickles.
-            return {k: v for k, v in torch.jit.load(str(path), map_location="cpu").state_dict().items()}
         raise BackboneWeightsError(
-            f"cannot read {path} as a weights file with torch.load(weights_only=True): {err}"
+            f"cannot read {path} as a weights file with torch.load(weights_only=True): {describe_load_error(err)}"
         ) from err
     return _unwrap(obj, path)
-
-
-def _is_torchscript(path: Path) -> bool:
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
 
 
 def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -150,9 +150,27 @@ def _timm_filter(backbone: "Backbone"):
     return getattr(module, "checkpoint_filter_fn", None)
 
 
-def convert_state_dict(backbone: "Backbone", state_dict: dict, *, patch_resize: str = "rein") -> dict:
-    """Official/timm layout -> the keys and shapes of ``backbone.model``."""
+def _check_position_embedding_rank(backbone: "Backbone", state_dict: dict, source: str) -> None:
+    """A position embedding of another rank than the model's would fail deep inside the conversions
+    (an IndexError or a reshape error); name the key instead."""
+    model_pos = getattr(backbone.model, "pos_embed", None)
+    if not isinstance(model_pos, torch.Tensor):
+        return  # CNNs and RoPE-only models have none
+    ranks = {"pos_embed": model_pos.ndim, "image_encoder.pos_embed": model_pos.ndim,
+             "visual.positional_embedding": 2}  # OpenAI CLIP stores (tokens, width)
+    for key, rank in ranks.items():
+        value = state_dict.get(key)
+        if torch.is_tensor(value) and value.ndim != rank:
+            raise BackboneWeightsError(
+                f"{source}: key '{key}' has shape {tuple(value.shape)} (rank {value.ndim}); backbone "
+                f"'{backbone.name}' needs a rank-{rank} position embedding (its own is {tuple(model_pos.shape)})")
+
+
+def convert_state_dict(backbone: "Backbone", state_dict: dict, *, patch_resize: str = "rein",
+                       source: str = "the backbone weights") -> dict:
+    """Official/timm layout -> the keys and shapes of ``backbone.model`` (``source`` names the file in errors)."""
     model = backbone.model
+    _check_position_embedding_rank(backbone, state_dict, source)
     if backbone.family != "cnn" and patch_resize == "rein":
         grid = tuple(model.patch_embed.grid_size)
         state_dict = rein_resize_patch_embed(state_dict, backbone.patch_size, grid)
@@ -160,7 +178,12 @@ def convert_state_dict(backbone: "Backbone", state_dict: dict, *, patch_resize: 
         raise ValueError(f"patch_resize must be 'rein' or 'timm', got {patch_resize!r}")
     filter_fn = _timm_filter(backbone)
     if filter_fn is not None:
-        state_dict = filter_fn(dict(state_dict), model)
+        try:
+            state_dict = filter_fn(dict(state_dict), model)
+        except (IndexError, KeyError, RuntimeError, ValueError) as err:  # a tensor of an unexpected shape
+            raise BackboneWeightsError(f"{source} cannot be converted to backbone '{backbone.name}' (timm's "
+                                       f"checkpoint filter failed: {type(err).__name__}: {err}); is it a "
+                                       f"'{backbone.name}' checkpoint?") from err
     if backbone.family == "sam":
         state_dict = _resize_sam_tensors(state_dict, model.state_dict())
     return state_dict
@@ -173,7 +196,7 @@ def load_backbone_weights(backbone: "Backbone", weights: str, *, patch_resize: s
     else:
         path = Path(weights).expanduser()
     state_dict = read_state_dict(path)
-    converted = convert_state_dict(backbone, state_dict, patch_resize=patch_resize)
+    converted = convert_state_dict(backbone, state_dict, patch_resize=patch_resize, source=f"weights file {path}")
     converted = {k: v for k, v in converted.items() if not k.startswith(_IGNORED_PREFIXES)}
     model_sd = backbone.model.state_dict()
     shape_errors = [

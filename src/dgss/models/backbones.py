@@ -252,6 +252,15 @@ def build_backbone(
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ValueError(f"unknown backbone '{name}'{hint} (available: {', '.join(list_backbones())})")
     spec = BACKBONES[name]
+    if weights is not None and weights != "hub":
+        # a missing or unreadable file is found before the model is built (seconds and gigabytes for a ViT-L)
+        from ..fileio import UnusablePathError, check_input_file
+        from .backbone_weights import BackboneWeightsError
+
+        try:
+            check_input_file(weights, "backbone weights file")
+        except UnusablePathError as err:
+            raise BackboneWeightsError(str(err)) from None
     kwargs = _timm_kwargs(spec, img_size, patch_size, drop_path_rate, overrides)
     model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
     for attr in ("fc_norm", "attn_pool", "head_drop"):

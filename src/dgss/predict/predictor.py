@@ -8,7 +8,8 @@
     model.predict("street.png", tta=TTA(flip=True, scales=(0.75, 1.0, 1.25)), mode="slide")
 
 Images are RGB with values 0..255 (uint8 or float): numpy H x W x 3 (or H x W grey), tensors
-3 x H x W (or H x W x 3 when the last axis has 3 entries and the first does not). They are
+3 x H x W (or H x W x 3 when the last axis has 3 entries and the first does not). 16-bit inputs
+(uint16 arrays, 16-bit greyscale files and PIL images) are scaled to 0..255 by v / 257. They are
 normalised with the config's ``data.mean``/``data.std``, optionally fitted into ``resize`` = (W, H)
 as the evaluation datasets are, and the scores are resized back to the input resolution.
 
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.image_io import read_image
+from ..data.image_io import pil_to_rgb, read_image, uint16_to_uint8
 from ..data.labels import TRAIN_ID_TO_LABEL_ID, colorize
 from ..data.transforms import fit_resize_shape
 
@@ -91,7 +92,7 @@ def to_rgb_array(image: ImageLike) -> np.ndarray:
     if isinstance(image, (str, os.PathLike)):
         return read_image(Path(image))
     if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image, without importing PIL here
-        return np.array(image.convert("RGB"))
+        return pil_to_rgb(image, getattr(image, "filename", "") or "image")
     if torch.is_tensor(image):
         array = image.detach().cpu()
         if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
@@ -106,6 +107,8 @@ def to_rgb_array(image: ImageLike) -> np.ndarray:
     if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
         raise ValueError(f"an image must be H x W x 3 (or 3 x H x W for tensors), got shape {tuple(array.shape)}")
     array = np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array[..., :3]
+    if array.dtype == np.uint16:  # a 16-bit image (OpenCV's IMREAD_UNCHANGED, tifffile): by its bit depth
+        array = uint16_to_uint8(array)
     if array.dtype != np.uint8:
         array = np.clip(np.rint(array.astype(np.float32)), 0, 255).astype(np.uint8)
     return np.ascontiguousarray(array)

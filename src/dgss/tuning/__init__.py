@@ -38,6 +38,7 @@ METHODS: dict[str, Callable] = {
     "vqt": _lazy(".vqt", "build_vqt"),
     "childtune-f": _lazy(".childtune", "build_childtune_f"),
     "childtune-d": _lazy(".childtune", "build_childtune_d"),
+    "soma": _lazy(".soma", "build_soma"),
 }
 
 

@@ -25,15 +25,15 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ..config import ExperimentConfig, from_dict, to_dict
+from ..fileio import save_safetensors
 from ..models.backbone_weights import convert_state_dict, read_state_dict
 from .rein import Rein
 
@@ -256,12 +256,8 @@ def save_model_file(segmentor, cfg, path: Union[str, os.PathLike], *, include_ba
         "config": to_dict(cfg),
         **(metadata or {}),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(_unshared_cpu(state), str(tmp), metadata={"dgss": json.dumps(metadata)})
-    os.replace(tmp, path)  # never a half-written file under the final name
-    return path
+    # never a half-written file under the final name, and the umask's mode (safetensors alone writes 0600)
+    return save_safetensors(_unshared_cpu(state), path, metadata={"dgss": json.dumps(metadata)})
 
 
 def read_model_file_metadata(path: Union[str, os.PathLike]) -> dict:

@@ -3,7 +3,7 @@ Fisher Information Matrix (fishertune.md). One module per part:
 
     fisher.py        diagonal empirical Fisher (float32 sums of squared gradients)
     perturbation.py  the simulated domain shift x' (feature statistics perturbed by a hook)
-    drfim.py         plain and variational DR-FIM, the K-round estimator
+    drfim.py         the plain and the variational estimate, the DR-FIM scores
     selection.py     global top-k, the delta_min -> delta_max schedule, ablation scores
     sparse.py        theta = theta_pt + scatter(delta) inside the forward pass
     method.py        the TuningMethod (three stages), merge_into_dense
@@ -11,8 +11,7 @@ Fisher Information Matrix (fishertune.md). One module per part:
     plots.py         matplotlib figures of the selection and the score distribution
 """
 
-from .drfim import (DomainRelatedFisher, DRFIMOptions, FisherEstimate, domain_related_fisher,
-                    variational_domain_related_fisher)
+from .drfim import DomainRelatedFisher, DRFIMOptions, FisherEstimate, domain_scores, selection_scores, task_scores
 from .fisher import squared_gradient_sums
 from .method import FisherTune, build_fishertune, merge_into_dense
 from .perturbation import FeatureStatisticsPerturbation
@@ -21,8 +20,8 @@ from .sparse import DeltaInjector, apply_delta, eligible_tensors
 
 __all__ = [
     "FisherTune", "build_fishertune", "merge_into_dense",
-    "DomainRelatedFisher", "DRFIMOptions", "FisherEstimate", "domain_related_fisher",
-    "variational_domain_related_fisher", "squared_gradient_sums", "FeatureStatisticsPerturbation",
+    "DomainRelatedFisher", "DRFIMOptions", "FisherEstimate", "task_scores", "domain_scores", "selection_scores",
+    "squared_gradient_sums", "FeatureStatisticsPerturbation",
     "Selection", "active_count", "rank_top_entries", "selection_count", "tuned_fraction",
     "DeltaInjector", "apply_delta", "eligible_tensors",
 ]

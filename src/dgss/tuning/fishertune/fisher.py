@@ -3,10 +3,12 @@
     sums, count = squared_gradient_sums(forward_loss, params, batches)       # float32 sums
     fisher = {name: s / count for name, s in sums.items()}                   # F-hat, per element
 
-``F_theta = E[(d loss / d theta)^2]`` element-wise, with the ground-truth labels (the *empirical*
-Fisher). The expectation is a mean over mini-batches: by default one squared gradient of the
-batch-mean loss per mini-batch; with ``per_sample=True`` one squared gradient per image (micro-batches
-of one), the textbook estimator, which costs B backward passes per batch instead of one.
+``F_theta = E[(d loss_i / d theta)^2]`` element-wise over images i, with the ground-truth labels (the
+*empirical* Fisher). With ``per_sample=True`` one squared gradient per image (micro-batches of one): the
+textbook estimator, B backward passes per batch of B. With ``per_sample=False`` one backward pass per
+batch: the squared gradient of the batch-mean loss times B. The batch-mean gradient is the mean of B
+per-sample gradients, so for uncorrelated zero-mean ones its square has expectation F / B: times B it
+estimates the same per-sample Fisher (biased upwards where the per-sample gradients share a mean).
 
 The parameters are passed in explicitly (``params``: name -> tensor) and the loss is computed with
 them in place (``forward_loss(params, batch)``, e.g. through :func:`torch.func.functional_call`): the
@@ -23,7 +25,7 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["split_per_sample", "squared_gradient_sums", "all_reduce_sums", "functional_loss"]
+__all__ = ["batch_size_of", "split_per_sample", "squared_gradient_sums", "all_reduce_sums", "functional_loss"]
 
 ForwardLoss = Callable[[dict[str, torch.Tensor], dict], torch.Tensor]
 
@@ -31,12 +33,16 @@ ForwardLoss = Callable[[dict[str, torch.Tensor], dict], torch.Tensor]
 def split_per_sample(batch: dict) -> list[dict]:
     """A batch dict (tensors / lists with a leading batch dimension B) -> B dicts of one sample each
     (leading dimension kept, so every entry is still a batch, of size 1)."""
+    size = batch_size_of(batch)
+    return [{k: (v[i:i + 1] if isinstance(v, (torch.Tensor, list, tuple)) else v) for k, v in batch.items()}
+            for i in range(size)]
+
+
+def batch_size_of(batch: dict) -> int:
     sizes = {len(v) for v in batch.values() if isinstance(v, (torch.Tensor, list, tuple))}
     if len(sizes) != 1:
         raise ValueError(f"batch entries disagree on the batch size: {sorted(sizes)}")
-    (size,) = sizes
-    return [{k: (v[i:i + 1] if isinstance(v, (torch.Tensor, list, tuple)) else v) for k, v in batch.items()}
-            for i in range(size)]
+    return sizes.pop()
 
 
 def squared_gradient_sums(
@@ -58,8 +64,9 @@ def squared_gradient_sums(
 
     Returns:
         (sums, count): float32 tensors shaped like ``params``, and the number of squared gradients
-        added (batches, or samples with ``per_sample``). Non-finite gradients are skipped with a
-        warning and not counted, so one bad batch cannot poison the whole ranking.
+        added (batches, or samples with ``per_sample``); ``sums / count`` is the per-sample Fisher.
+        Non-finite gradients are skipped with a warning and not counted, so one bad batch cannot
+        poison the whole ranking.
     """
     names = list(params)
     leaves = [params[n].detach().requires_grad_(True) for n in names]
@@ -76,10 +83,11 @@ def squared_gradient_sums(
             if not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
                 warnings.warn("FisherTune: non-finite gradient in a Fisher batch; skipped", stacklevel=2)
                 continue
+            weight = 1.0 if per_sample else float(batch_size_of(micro))
             for name, grad in zip(names, grads):
                 if grad is not None:
                     grad = grad.float()  # float32 accumulation whatever the parameter dtype
-                    sums[name].addcmul_(grad, grad)
+                    sums[name].addcmul_(grad, grad, value=weight)
             count += 1
     return sums, count
 

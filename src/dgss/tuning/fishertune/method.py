@@ -6,8 +6,10 @@
   * Stage 1, iterations < T1 (``warmup_iters``): the backbone is frozen, the head trains. The delta
     vector is not in the graph, so it gets no gradient and AdamW leaves it (and its state) alone.
   * Stage 2, at iteration T1: the DR-FIM is estimated from ``num_batches`` source batches
-    (``trainer.next_batch()``, 2 passes each) and the top round(delta_max N) entries are ranked.
-  * Stage 3: the top round(delta(t) N) of them train (t = iteration - T1), as theta_pt + scatter(delta).
+    (``trainer.next_batch()``, each seen as x and as x'; one pass per image with the per-sample
+    Fisher) and the top round(delta_max N) entries are ranked (:mod:`.drfim`).
+  * Stage 3: the top round(delta(t) N) of them train (t = iteration - T1), as theta_pt + scatter(delta),
+    with x' as a feature augmentation in a ``train_perturb_prob`` share of the iterations.
 
 Everything a resumed run needs is in the state dict: ``delta`` (K = round(delta_max N) float32, the
 only trainable tensor besides the head), and the buffers ``entry_index`` / ``entry_rank`` (K int32),
@@ -25,14 +27,13 @@ dense masked training step for step (tests/test_fishertune_sparse.py).
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Iterator, Optional
 
 import torch
 from torch import nn
 
 from ..base import TuningMethod, decay_groups
-from .drfim import DomainRelatedFisher, DRFIMOptions, FisherEstimate
+from .drfim import DomainRelatedFisher, DRFIMOptions, FisherEstimate, selection_scores
 from .perturbation import FeatureStatisticsPerturbation
 from .selection import Selection, active_count, random_scores, rank_top_entries, rerank_inactive, selection_count
 from .sparse import DeltaInjector, apply_delta, eligible_tensors
@@ -190,31 +191,51 @@ class FisherTune(TuningMethod):
         # Never shrink (a resumed or repeated call with a smaller t keeps what is already active).
         self.num_active.fill_(max(count, int(self.num_active)))
         if cfg.train_perturb_prob > 0:
-            gen = torch.Generator().manual_seed(cfg_seed(trainer) + _AUGMENT_SEED + iteration)
+            seed = cfg_seed(trainer) + _AUGMENT_SEED + iteration
+            gen = torch.Generator().manual_seed(seed)
             self._augment_now = bool(torch.rand((), generator=gen) < cfg.train_perturb_prob)
+            # The z of x' from a generator of (seed, iteration, rank), not the global RNG: a resumed run
+            # draws the same perturbations, and each process its own.
+            rank = int(getattr(trainer, "rank", 0) or 0)
+            self.shift.generator = torch.Generator(self.delta.device).manual_seed(seed * 1_000 + rank)
 
     def estimate_and_select(self, trainer) -> None:
         """Stage 2 on the trainer's model and data stream; sets the ranking."""
-        model = trainer.model
-        scores = self.estimate(model, _batches(trainer), n_eff=resolve_n_eff(self.cfg, trainer),
-                               seed=cfg_seed(trainer))
+        scores = self.estimate(trainer.model, _batches(trainer), seed=cfg_seed(trainer),
+                               progress=_progress_bar(trainer))
         self.select(scores, seed=cfg_seed(trainer))
 
-    def estimate(self, segmentor, batches: Iterator[dict], *, n_eff: float, seed: int = 0,
-                 at_current: bool = False) -> Optional[dict[str, torch.Tensor]]:
+    def drfim_options(self) -> DRFIMOptions:
+        cfg = self.cfg
+        return DRFIMOptions(variational=cfg.variational, per_sample=cfg.per_sample, eps_mu=cfg.eps_mu,
+                            eps_sigma=cfg.eps_sigma, domain_balance=cfg.domain_balance,
+                            normalization=cfg.normalization, prior_rho=cfg.prior_rho,
+                            prior_quantile=cfg.prior_quantile, ratio_eps=cfg.ratio_eps)
+
+    def estimate(self, segmentor, batches: Iterator[dict], *, seed: int = 0, at_current: bool = False,
+                 mode: Optional[str] = None, progress=None) -> Optional[dict[str, torch.Tensor]]:
         """Estimate the selection scores of every eligible tensor (None for random selection).
 
-        ``at_current``: at theta_pt + delta (a refresh) instead of theta_pt.
+        ``at_current``: at theta_pt + delta (a refresh) instead of theta_pt. ``mode``: the ranking
+        (default ``cfg.selection``). ``progress``: called with the batches done after each batch.
         """
-        cfg = self.cfg
-        if cfg.selection == "random":
+        mode = mode or self.cfg.selection
+        if mode == "random":
             return None
-        fisher_only = cfg.selection == "fisher"
-        # ChildTune-D style: plain Fisher at theta_pt, no shift, no variational rounds.
-        options = DRFIMOptions(variational=cfg.variational and not fisher_only, rounds=cfg.rounds, gamma=cfg.gamma,
-                               tau_quantile=cfg.tau_quantile, ema_beta=cfg.ema_beta, noise_cap=cfg.noise_cap,
-                               eps_mu=cfg.eps_mu, eps_sigma=cfg.eps_sigma, ratio_eps=cfg.ratio_eps,
-                               per_sample=cfg.per_sample)
+        options = self.drfim_options()
+        # The task term alone needs no x' (half the passes).
+        estimate = self.run_estimate(segmentor, batches, options, seed=seed, with_shift=mode != "fisher",
+                                     at_current=at_current, progress=progress)
+        self.estimation_passes = estimate.passes
+        scores = selection_scores(estimate, mode, options, self.cfg.delta_max)
+        if self.keep_scores:
+            self.last_scores, self.last_estimate = scores, estimate
+        return scores
+
+    def run_estimate(self, segmentor, batches: Iterator[dict], options: DRFIMOptions, *, seed: int = 0,
+                     with_shift: bool = True, at_current: bool = False, progress=None) -> FisherEstimate:
+        """One DR-FIM estimate of ``cfg.num_batches`` batches with ``options`` (the method's own, or the
+        variants `dgss fisher --stability` compares), without touching the selection."""
         device = self.delta.device
         theta_gen = torch.Generator(device).manual_seed(seed + _THETA_SEED)
         shift_gen = torch.Generator(device).manual_seed(seed + _SHIFT_SEED)
@@ -230,18 +251,13 @@ class FisherTune(TuningMethod):
             with context:
                 return functional_call(segmentor, full, (batch["image"], batch["label"]))["loss"]
 
-        estimator = DomainRelatedFisher(base, forward_loss, options, n_eff=n_eff, generator=theta_gen)
+        estimator = DomainRelatedFisher(base, forward_loss, options, generator=theta_gen, progress=progress)
         self._suspended = True  # the estimate passes its own theta; no delta hooks, no augmentation
         try:
-            estimate = estimator.estimate(batches, cfg.num_batches, with_shift=not fisher_only)
+            return estimator.estimate(batches, self.cfg.num_batches, with_shift=with_shift)
         finally:
             self._suspended = False
             self.shift.enabled = False
-        self.estimation_passes = estimate.passes
-        scores = estimator.scores(estimate, cfg.selection)
-        if self.keep_scores:
-            self.last_scores, self.last_estimate = scores, estimate
-        return scores
 
     @torch.no_grad()
     def select(self, scores: Optional[dict[str, torch.Tensor]], seed: int = 0) -> Selection:
@@ -275,8 +291,8 @@ class FisherTune(TuningMethod):
     def refresh(self, trainer, iteration: int) -> None:
         """Re-estimate at the current theta and re-order the not-yet-active candidates
         (:func:`~.selection.rerank_inactive`); a no-op for random selection."""
-        scores = self.estimate(trainer.model, _batches(trainer), n_eff=resolve_n_eff(self.cfg, trainer),
-                               seed=cfg_seed(trainer) + iteration, at_current=True)
+        scores = self.estimate(trainer.model, _batches(trainer), seed=cfg_seed(trainer) + iteration,
+                               at_current=True, progress=_progress_bar(trainer))
         if scores is not None:
             rank = rerank_inactive(self.selection(), [scores[t.name] for t in self.tensors], int(self.num_active))
             self.entry_rank.copy_(rank.to(torch.int32))
@@ -293,23 +309,23 @@ def cfg_seed(trainer) -> int:
     return int(getattr(getattr(cfg, "train", None), "seed", 0) or 0)
 
 
-def resolve_n_eff(cfg, trainer) -> float:
-    """N_eff: the config value, else the number of source training images the trainer reports
-    (``num_train_images`` or ``len(train_dataset)``), else the images the estimate itself sees."""
-    if cfg.n_eff is not None:
-        return float(cfg.n_eff)
-    for attr in ("num_train_images",):
-        value = getattr(trainer, attr, None)
-        if value:
-            return float(value)
-    dataset = getattr(trainer, "train_dataset", None)
-    if dataset is not None:
-        return float(len(dataset))
-    batch = getattr(getattr(getattr(trainer, "cfg", None), "train", None), "batch_size", 1)
-    fallback = cfg.num_batches * batch * max(int(getattr(trainer, "world_size", 1)), 1)
-    warnings.warn(f"FisherTune: the number of source images is unknown; N_eff = {fallback} (the images the "
-                  "estimate sees). Set method.fishertune.n_eff to fix it.", stacklevel=2)
-    return float(fallback)
+def _progress_bar(trainer):
+    """A progress callback for the estimate when the trainer shows progress bars, else None."""
+    cfg = getattr(trainer, "cfg", None)
+    show = bool(getattr(getattr(cfg, "train", None), "progress_bar", False)) and getattr(trainer, "rank", 0) == 0
+    if not show:
+        return None
+    from tqdm import tqdm
+
+    bar = tqdm(total=trainer.model.method.cfg.num_batches, desc="FisherTune estimate", unit="batch",
+               dynamic_ncols=True, leave=False)
+
+    def update(done: int) -> None:
+        bar.update(done - bar.n)
+        if bar.n >= bar.total:
+            bar.close()
+
+    return update
 
 
 def build_fishertune(method_cfg, backbone) -> FisherTune:

@@ -1,0 +1,216 @@
+"""benchmarks/bench_dg.py (issue 16): the seeded DG benchmark through the real engine at smoke size
+(files, every value, resume and re-run), and its statistics against hand-computed numbers."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+import dgss.engine.trainer as trainer_module
+from dgss.cli import main as dgss_main
+from dgss.demo import SOURCE, TARGETS, run_demo
+from dgss.demo.benchmark import RESULT_FILE, ROWS, SMOKE_BUDGET, run_seeded
+from dgss.demo.dg_stats import CLAIMS, mean_std, paired_difference, summarize, t_interval, verdict
+from dgss.demo.run import curve_iterations, demo_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_dg  # noqa: E402
+
+T_975_2DF = 4.302652729749464  # Student t, 97.5% quantile, 2 degrees of freedom (tables: 4.303)
+
+
+@pytest.fixture
+def count_trainers(monkeypatch):
+    """How many Trainers were built (run_method imports the class from its module at call time)."""
+    built = []
+    original = trainer_module.Trainer
+
+    class Counting(original):
+        def __init__(self, cfg, **kwargs):
+            built.append(cfg.name)
+            super().__init__(cfg, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "Trainer", Counting)
+    return built
+
+
+def test_smoke_run_writes_every_value_and_reuses_finished_runs(tmp_path, capsys, count_trainers):
+    out = tmp_path / "bench"
+    argv = ["--smoke", "--methods", "frozen,fishertune", "--seeds", "2", "--out", str(out), "--jobs", "1"]
+    assert bench_dg.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert count_trainers == ["frozen/seed0", "frozen/seed1", "fishertune/seed0", "fishertune/seed1"]
+    assert "[4/4] fishertune seed 1: mIoU clean" in printed and "to go)" in printed
+    assert "[train]" not in printed  # the engine's lines went to the runs' stdout.log
+    for name in ("results.json", "results.md", "curves.png"):
+        assert (out / name).stat().st_size > 100
+
+    data = json.loads((out / "results.json").read_text())
+    assert data["seeds"] == [0, 1] and data["budget"]["iters"] == SMOKE_BUDGET.iters
+    assert data["machine"]["cpu_count"] >= 1 and data["machine"]["threads"] == 1 and data["wall_seconds"] > 0
+    runs = {(r["row"], r["seed"]): r for r in data["runs"]}
+    assert set(runs) == {(m, s) for m in ("frozen", "fishertune") for s in (0, 1)}
+    for (row, seed), run in runs.items():
+        assert [p["iteration"] for p in run["curve"]] == [2, 4]  # curve points 2: the middle and the end
+        for point in run["curve"]:
+            assert list(point["miou"]) == [SOURCE, *TARGETS]
+            assert all(math.isfinite(v) and 0 <= v <= 100 for v in point["miou"].values())
+        # the final point is what the run's own eval files (as `dgss eval` writes them) hold
+        evaluated = json.loads((out / "runs" / row / f"seed{seed}" / "eval" / "results.json").read_text())
+        for target in TARGETS:
+            assert run["curve"][-1]["miou"][target] == pytest.approx(evaluated["datasets"][target]["miou"], abs=1e-3)
+        assert not (out / "runs" / row / f"seed{seed}" / "checkpoints").exists()  # evaluated, then deleted
+
+    # the summary is the raw values' statistics
+    summary = data["summary"]
+    final = {k: r["curve"][-1]["miou"] for k, r in runs.items()}
+    target = {k: sum(m[t] for t in TARGETS) / len(TARGETS) for k, m in final.items()}
+    cell = summary["table"]["fishertune"]["target"]
+    assert cell["mean"] == pytest.approx((target["fishertune", 0] + target["fishertune", 1]) / 2)
+    assert cell["sd"] == pytest.approx(abs(target["fishertune", 0] - target["fishertune", 1]) / math.sqrt(2))
+    diffs = [target["fishertune", s] - target["frozen", s] for s in (0, 1)]
+    assert summary["paired"]["fishertune"]["target"]["differences"] == pytest.approx(diffs)
+    assert [c["id"] for c in summary["claims"]] == ["d"]  # the only claim both of whose rows ran
+    md = (out / "results.md").read_text()
+    assert "| fishertune | 2 | 37,627 |" in md and "| (d) | FisherTune beats Frozen on the targets |" in md
+    assert f"**{summary['claims'][0]['verdict']}**" in md
+
+    # a second call with the same config trains nothing and reports the same numbers
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/" + RESULT_FILE)}
+    assert len(stamps) == 4
+    assert bench_dg.main(argv) == 0
+    assert len(count_trainers) == 4 and "finished earlier" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    again = json.loads((out / "results.json").read_text())
+    assert again["summary"]["table"] == summary["table"] and again["runs_reused"] == 4
+
+    # a changed config (here the evaluation sets) runs again; the unchanged seed is still reused
+    changed = SMOKE_BUDGET.__class__(**{**SMOKE_BUDGET.__dict__, "eval_images": 3})
+    records = run_seeded(["frozen"], [0], changed, out, curve_points=2, log=lambda line: None)
+    assert count_trainers[4:] == ["frozen/seed0"] and not records[0]["skipped"]
+    assert records[0]["config"]["data"]["test"][0]["options"]["num_images"] == 3
+    records = run_seeded(["frozen"], [0, 1], SMOKE_BUDGET, out, curve_points=2, log=lambda line: None)
+    assert count_trainers[5:] == ["frozen/seed0"] and [r["skipped"] for r in records] == [False, True]
+
+
+def test_demo_with_several_seeds_runs_through_the_benchmark_and_shows_the_spread(tmp_path, capsys):
+    rows = run_demo(tmp_path / "demo", methods=("frozen",), budget=SMOKE_BUDGET, targets=("night",),
+                    overlays=False, progress=False, seeds=(0, 1))
+    assert rows[0]["seeds"] == 2 and set(rows[0]["sd"]) == {"source", "night", "mean"}
+    values = [json.loads((tmp_path / "demo" / "runs" / "frozen" / f"seed{s}" / RESULT_FILE).read_text())
+              for s in (0, 1)]
+    nights = [v["curve"][-1]["miou"]["night"] for v in values]
+    assert rows[0]["night"] == pytest.approx(sum(nights) / 2)
+    assert rows[0]["sd"]["night"] == pytest.approx(abs(nights[0] - nights[1]) / math.sqrt(2))
+    assert f"{rows[0]['night']:.1f} ± {rows[0]['sd']['night']:.1f}" in capsys.readouterr().out
+    header = (tmp_path / "demo" / "results.csv").read_text().splitlines()[0]
+    assert header.endswith("night_sd,mean_targets_sd")
+
+
+def test_t_interval_and_paired_difference_match_hand_computed_values():
+    # differences 1.0, 2.0, 0.5: mean 7/6, sample sd sqrt(7/12), half-width t(0.975, 2) * sd / sqrt(3)
+    diff = paired_difference({0: 10.0, 1: 12.0, 2: 11.0, 5: 1.0}, {0: 9.0, 1: 10.0, 2: 10.5})
+    assert diff["seeds"] == [0, 1, 2] and diff["differences"] == [1.0, 2.0, 0.5]
+    assert diff["mean"] == pytest.approx(7 / 6) and diff["sd"] == pytest.approx(math.sqrt(7 / 12))
+    half = T_975_2DF * math.sqrt(7 / 12) / math.sqrt(3)
+    assert diff["half"] == pytest.approx(half) and half == pytest.approx(1.8973, abs=1e-4)
+    assert (diff["low"], diff["high"]) == pytest.approx((7 / 6 - half, 7 / 6 + half))
+    # n = 2: t(0.975, 1) = 12.706
+    two = t_interval([3.0, 5.0])
+    assert two["half"] == pytest.approx(12.706204736 * math.sqrt(2) / math.sqrt(2))
+    assert mean_std([4.0]) == (4.0, pytest.approx(float("nan"), nan_ok=True))
+    one = t_interval([4.0])
+    assert one["mean"] == 4.0 and math.isnan(one["half"]) and verdict(one["low"], one["high"], +1) == "undecided"
+
+
+@pytest.mark.parametrize("low, high, direction, expected", [
+    (0.5, 2.0, +1, "holds"), (-2.0, -0.5, +1, "contradicted"), (-0.5, 1.0, +1, "undecided"),
+    (-2.0, -0.5, -1, "holds"), (0.5, 2.0, -1, "contradicted"), (-1.0, 0.0, -1, "undecided"),
+    (float("nan"), float("nan"), +1, "undecided"),
+])
+def test_verdict(low, high, direction, expected):
+    assert verdict(low, high, direction) == expected
+
+
+def _record(row: str, seed: int, source: float, target: float) -> dict:
+    miou = {SOURCE: source, **{t: target for t in TARGETS}}
+    return {"row": row, "seed": seed, "trainable": 0, "curve": [{"iteration": 1, "miou": miou}]}
+
+
+def test_claims_are_decided_by_their_paired_intervals_and_omitted_without_their_rows():
+    records = []
+    for seed, offset in enumerate((0.0, 0.2, -0.1)):
+        records.append(_record("frozen", seed, 20 + offset, 15 + offset))
+        records.append(_record("full", seed, 23 + offset * 2, 12 + offset))  # source +3, targets -3: (a), (b) hold
+        records.append(_record("rein", seed, 20 + offset, 15 + (1, -1, 0.5)[seed]))  # +-: (c) undecided
+    summary = summarize(records, SOURCE, TARGETS)
+    claims = {c["id"]: c for c in summary["claims"]}
+    assert list(claims) == ["a", "b", "c"]  # FisherTune's claims need rows that did not run
+    assert claims["a"]["verdict"] == "holds" and claims["a"]["quantity"] == "source"
+    assert claims["b"]["verdict"] == "holds" and claims["b"]["mean"] == pytest.approx(-3.0)
+    assert claims["c"]["verdict"] == "undecided"
+    flipped = [dict(r, row={"full": "frozen", "frozen": "full"}.get(r["row"], r["row"])) for r in records]
+    claims = {c["id"]: c["verdict"] for c in summarize(flipped, SOURCE, TARGETS)["claims"]}
+    assert claims["a"] == "contradicted" and claims["b"] == "contradicted"
+    assert {c[0] for c in CLAIMS} >= {"a", "b", "c", "d", "e", "f1", "f2", "f3", "g", "h"}
+
+
+def test_rows_are_the_methods_and_fishertunes_ablations():
+    assert set(ROWS) >= {"frozen", "full", "rein", "fishertune", "lora", "vpt", "soma", "ft-random", "ft-fim",
+                         "ft-domain", "ft-plain", "ft-no-xprime"}
+    assert ROWS["fishertune"] == ("fishertune", [])  # FisherTune's defaults, whatever they become
+
+    def fishertune(row):
+        method, overrides = ROWS[row]
+        return demo_config(method, budget=SMOKE_BUDGET, out_dir="x", weights=None, overrides=overrides).method
+
+    assert fishertune("ft-random").fishertune.selection == "random"
+    assert fishertune("ft-fim").fishertune.selection == "fisher"
+    assert fishertune("ft-domain").fishertune.selection == "domain"
+    assert fishertune("ft-plain").fishertune.variational is False
+    assert "method.fishertune.train_perturb_prob=0.0" in ROWS["ft-no-xprime"][1]
+    assert fishertune("ft-no-xprime").fishertune.train_perturb_prob == 0.0
+    assert fishertune("ft-random").name == "fishertune" and fishertune("ft-random").fishertune.variational is True
+
+
+@pytest.mark.parametrize("iters, points, expected", [
+    (400, 4, [100, 200, 300, 400]), (6, 4, [2, 4, 6]), (10, 1, [10]), (5, 5, [1, 2, 3, 4, 5]), (7, 2, [4, 7])])
+def test_curve_iterations(iters, points, expected):
+    assert curve_iterations(iters, points) == expected
+    cfg = demo_config("frozen", budget=SMOKE_BUDGET.__class__(**{**SMOKE_BUDGET.__dict__, "iters": iters}),
+                      out_dir="x", weights=None, curve_points=points)
+    assert cfg.train.checkpoint_interval == (expected[0] if points > 1 else 0)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "frozen,lora2"], "unknown row(s) lora2"),
+    (["--seed-list", "0,x"], "--seed-list"),
+    (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--smoke", "--curve-points", "9"], "--curve-points must be in [1, 4]"),
+])
+def test_usage_errors_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench_dg.plan(bench_dg.parse_args(argv))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_demo_seeds_must_be_positive(tmp_path, capsys):
+    assert dgss_main(["demo", "--seeds", "0", "--out", str(tmp_path)]) == 2
+    assert "--seeds must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_runs_in_parallel_processes_give_the_same_numbers(tmp_path):
+    """--jobs 2 trains the runs in two spawned processes: the same computation, so the same numbers as
+    one process, in the same order."""
+    results = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}"
+        assert bench_dg.main(["--smoke", "--methods", "frozen,rein", "--out", str(out), "--jobs", str(jobs)]) == 0
+        data = json.loads((out / "results.json").read_text())
+        assert data["jobs"] == jobs and data["runs_trained"] == 2
+        results[jobs] = [(r["row"], r["seed"], r["curve"]) for r in data["runs"]]
+    assert results[1] == results[2]

@@ -1,0 +1,175 @@
+"""benchmarks/gpu_check.py (issue 18): the prepared GPU check keeps working, tested at toy sizes on the CPU.
+
+No timing assertions: the figures must exist and be sane, the budget must cut, failures must be recorded.
+"""
+
+import json
+import math
+import sys
+import threading
+from itertools import chain, repeat
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import _gpu_support as gs  # noqa: E402
+import gpu_check  # noqa: E402
+
+# what the lent GPU machine may lack (it has torch, timm, peft, safetensors, scipy and timm's own needs)
+ABSENT_ON_GPU_MACHINE = ("matplotlib", "tensorboard", "torch.utils.tensorboard", "cv2", "onnx", "imagecorruptions")
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_cpu_smoke_run_has_every_section_with_sane_figures(tmp_path, monkeypatch, capsys):
+    for name in ABSENT_ON_GPU_MACHINE:
+        monkeypatch.setitem(sys.modules, name, None)  # an import of any of them now fails
+    assert gpu_check.main(["--cpu-smoke", "--out", str(tmp_path), "--warmup", "0", "--repeats", "1"]) == 0
+    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert set(data["sections"]) == set(gpu_check.SECTIONS)
+    for name, section in data["sections"].items():
+        assert not section.get("failed") and not section["cut"], (name, section["notes"])
+        for case, entry in section["cases"].items():
+            assert entry["status"] == "ok", (name, case, entry)
+            assert positive(entry["median_s"]) and positive(entry["min_s"]) and entry["repeats"] == 1, (case, entry)
+    training = data["sections"]["training"]
+    for method in gpu_check.METHODS:
+        for variant in ("fp32/no-ckpt", "bf16/no-ckpt", "fp32/ckpt", "bf16/ckpt"):
+            entry = training["cases"][f"{method}/{variant}"]
+            assert positive(entry["hours_40k"])
+            assert math.isclose(entry["hours_40k"], entry["median_s"] * 40_000 / 3600, rel_tol=1e-2)
+            assert positive(training["figures"]["step_x_full"][f"{method}/{variant}"])
+    assert positive(training["figures"]["rein_backbone_part_x_limit"])
+    head = data["sections"]["head"]["figures"]
+    assert head["calls_per_step"] == 1  # the smoke head has one encoder layer
+    assert 0 < head["share_of_step"] < 1
+    for path in ("per-level", "compile"):
+        for part in ("forward", "forward+backward", "step"):
+            assert positive(head[f"{path}/{part} x default"])
+    assert head["compile_max_abs_diff"] < 1e-4
+    inference = data["sections"]["inference"]
+    assert inference["figures"]["windows_per_image"] == 18  # 3 x 6 windows, as 512 / 341 on 1024 x 2048
+    for method in ("frozen", "rein"):
+        for amp in ("fp32", "bf16"):
+            assert positive(inference["cases"][f"{method}/{amp}/slide"]["images_per_s"])
+            assert positive(inference["cases"][f"{method}/{amp}/predict"]["median_s"])
+    estimate = data["sections"]["estimate"]
+    for kind in ("per-batch", "per-sample"):
+        assert positive(estimate["cases"][f"estimate/{kind}"]["s_per_pass"])
+        assert 0 < estimate["figures"][f"{kind}: share of 40k"] < 1
+    assert estimate["figures"]["paper_passes"] == 200
+    env = data["sections"]["env"]["figures"]
+    assert env["torch"] == torch.__version__ and env["timm"] and "--cpu-smoke" in env["command"]
+    summary = (tmp_path / "gpu_check.md").read_text()
+    assert "## 1. training" in summary and "## 4. estimate" in summary
+    assert summary in capsys.readouterr().out
+
+
+def test_a_spent_budget_cuts_the_section_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(gs, "bf16_supported", lambda device: False)
+    assert gpu_check.main(["--cpu-smoke", "--out", str(tmp_path), "--sections", "training,env",
+                           "--section-budget-s", "0"]) == 0
+    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    training = data["sections"]["training"]
+    assert training["cut"] and training["budget_s"] == 0
+    assert {e["status"] for e in training["cases"].values()} == {"skipped (budget)"}
+    assert any("section budget of 0 s spent" in note for note in training["notes"])
+    assert "(cut: budget spent)" in (tmp_path / "gpu_check.md").read_text()
+    assert data["sections"]["env"]["figures"]["torch"] == torch.__version__  # env needs no time
+
+
+def test_a_case_stops_repeating_when_the_budget_runs_out(tmp_path):
+    section = gs.Section("demo", 100.0, gs.Report(tmp_path, {}), torch.device("cpu"))
+    # budget left when the case starts and for its first timed run, then spent
+    states = chain([False], repeat(True))
+    section.spent = lambda: next(states)
+    calls = []
+    entry = section.run({"case": lambda: calls.append(1)}, warmup=1, repeats=5)["case"]
+    assert entry["status"] == "ok" and entry["repeats"] == 1 and entry["cut"] and len(calls) == 2
+    assert section.data["cut"] and "case: 1 of 5 repeats (budget spent)" in section.data["notes"]
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert saved["sections"]["demo"]["cases"]["case"]["repeats"] == 1
+
+
+def test_out_of_memory_and_errors_are_recorded_and_the_next_case_runs(tmp_path):
+    section = gs.Section("demo", 100.0, gs.Report(tmp_path, {}), torch.device("cpu"))
+
+    def oom():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def broken():
+        raise ValueError("bad shape")
+
+    assert section.run({"oom": oom}, warmup=1, repeats=2)["oom"] == {"status": "oom"}
+    assert section.run({"broken": broken}, warmup=0, repeats=2)["broken"]["status"] == "error: ValueError: bad shape"
+    assert section.run({"fine": lambda: None}, warmup=0, repeats=2)["fine"]["repeats"] == 2
+    assert any("out of memory" in note for note in section.data["notes"]) and not section.data["cut"]
+
+
+def test_bf16_unsupported_is_recorded(tmp_path, monkeypatch):
+    monkeypatch.setattr(gs, "bf16_supported", lambda device: False)
+    args = gpu_check.parse_args(["--cpu-smoke", "--out", str(tmp_path)])
+    check = gpu_check.Check(args, gs.Report(tmp_path, {}))
+    section = gs.Section("demo", 100.0, check.report, check.device)
+    assert list(check.amps(section)) == ["fp32"]
+    assert section.data["cases"]["bf16 on cpu"]["status"] == "bf16 unsupported"
+
+
+def test_without_cuda_and_without_cpu_smoke_it_stops_with_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main(["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "CUDA is not available" in err and "--cpu-smoke" in err
+    assert not (tmp_path / "gpu_check.json").exists()
+
+
+def test_unknown_section_is_a_usage_error(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        gpu_check.parse_args(["--out", str(tmp_path), "--sections", "training,gpu"])
+    assert exc.value.code == 2
+
+
+def test_the_watchdog_writes_the_partial_report_and_ends_the_run(tmp_path, monkeypatch):
+    ended, done = [], threading.Event()
+
+    def fake_exit(code):
+        ended.append(code)
+        done.set()
+
+    monkeypatch.setattr(gs.os, "_exit", fake_exit)
+    report = gs.Report(tmp_path, {"command": "x"})
+    written = []
+    gs.start_watchdog(0.01, report, lambda: written.append(True))
+    assert done.wait(10)
+    assert ended == [3] and written == [True]
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["meta"]["stopped_by_hard_limit_s"] == 0.01
+
+
+@pytest.mark.parametrize("method", gpu_check.METHODS)
+def test_the_config_defaults_it_builds_from_are_the_recipe_configs(method):
+    # gpu_check (through bench_methods.build) starts from the config defaults: they must stay the
+    # published DINOv2-L 512 recipe of configs/ (weights aside: random init)
+    from dgss.config import load_config, to_dict
+
+    recipe = to_dict(load_config(Path(__file__).resolve().parents[1] / f"configs/{method}/dinov2-l_gtav_512.yaml",
+                                 ["model.weights=null"]))
+    defaults = to_dict(load_config(None, [f"method.name={method}"]))
+    for section in ("model", "method", "train", "eval"):
+        assert defaults[section] == recipe[section], section
+
+
+def test_a_build_out_of_memory_is_recorded_and_the_section_goes_on(tmp_path, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(gpu_check.bm, "build", no_memory)
+    assert gpu_check.main(["--cpu-smoke", "--out", str(tmp_path), "--sections", "training,inference"]) == 0
+    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    for section, methods in (("training", gpu_check.METHODS), ("inference", ("frozen", "rein"))):
+        cases = data["sections"][section]["cases"]
+        assert {name: e["status"] for name, e in cases.items()} == {f"{m}: build": "oom" for m in methods}
+        assert not data["sections"][section].get("failed")
