@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import inspect
 import platform
 import sys
 import time
@@ -284,23 +283,19 @@ def estimate(check: Check, section: gs.Section) -> None:
     figures = section.data["figures"]
     paper_passes = 2 * type(method.cfg)().num_batches  # the paper's 2 x 100 passes (FisherTuneConfig default)
     figures.update(batches_per_estimate=batches_n, passes_per_estimate=2 * batches_n, paper_passes=paper_passes)
-    # n_eff (GTAV's 24,966 images) where the estimator still takes it as an argument
-    kwargs = {"seed": 0, **({"n_eff": 24966.0} if "n_eff" in inspect.signature(method.estimate).parameters else {})}
     for per_sample in (False, True):
         kind = "per-sample" if per_sample else "per-batch"
-        if hasattr(method.cfg, "per_sample"):
-            method.cfg = dataclasses.replace(method.cfg, per_sample=per_sample)
-        elif per_sample:
-            section.note("FisherTuneConfig has no per_sample option: one estimate only")
-            continue
+        method.cfg = dataclasses.replace(method.cfg, per_sample=per_sample)
 
         def run():
-            scores["last"] = method.estimate(model, batches(), **kwargs)
+            scores["last"] = method.estimate(model, batches(), seed=0)
 
         # one warm-up for both (the per-sample run follows the warmed-up per-batch one)
         entry = section.run({f"estimate/{kind}": run}, warmup=0 if per_sample else 1,
                             repeats=max(1, check.repeats // 2))[f"estimate/{kind}"]
         if gs.ok(entry):
+            # a "pass" is x or x' of one batch (per sample: the batch's single-image passes together), so
+            # the paper's 2 x 100 of them scale the same way in both modes
             entry["s_per_pass"] = entry["median_s"] / (2 * batches_n)
             entry["passes_counted"] = getattr(method, "estimation_passes", None)
     if "last" in scores:

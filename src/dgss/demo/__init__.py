@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 from .foundation import FOUNDATION_FILE, foundation_weights, pretrain_command, pretrain_foundation
 from .outputs import format_table, plot_miou, summary_rows, write_overlays, write_table
 from .run import (DEMO_SEEDS, FULL_BUDGET, METHODS, QUICK_BUDGET, SOURCE, TARGETS, DemoBudget, demo_config,
-                  pick_threads, run_method)
+                  pick_threads)
 
 __all__ = ["run_demo", "demo_config", "SOURCE", "TARGETS", "METHODS", "DemoBudget", "FULL_BUDGET", "QUICK_BUDGET",
            "DEMO_SEEDS", "FOUNDATION_FILE", "foundation_weights", "pretrain_foundation", "pretrain_command", "format_table"]
@@ -53,19 +53,10 @@ def _write_fisher_figures(record: dict, model, trainer, *, out: Path, first_seed
 
 
 def _final_models(records: list[dict], first_seed: int) -> dict:
-    """The first seed's final models, reloaded from their run folders as `dgss eval` loads them."""
-    from ..config import load_config
-    from ..engine.checkpoint import load_model_weights
-    from ..models.segmentor import build_segmentor
+    """The first seed's final models, reloaded from their run folders (`dgss.load` of a run folder)."""
+    from ..predict.loading import load_segmentor
 
-    models = {}
-    for record in records:
-        if record["seed"] == first_seed:
-            run_dir = Path(record["run_dir"])
-            model = build_segmentor(load_config(str(run_dir / "config.yaml")))
-            load_model_weights(model, run_dir / "model_final.safetensors")
-            models[record["row"]] = model.eval()
-    return models
+    return {r["row"]: load_segmentor(r["run_dir"]).model for r in records if r["seed"] == first_seed}
 
 
 def run_demo(out_dir: str | Path = "demo_output", quick: bool = False, methods: Sequence[str] = METHODS, *,

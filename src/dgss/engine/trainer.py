@@ -177,7 +177,7 @@ class Trainer:
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
         loader = build_train_loader(cfg, rank=self.rank, world_size=self.world_size)
-        self.num_train_images = sum(len(d) for d in loader.datasets)  # all sources (e.g. FisherTune's N_eff)
+        self.num_train_images = sum(len(d) for d in loader.datasets)  # all sources
         self.batches = ResumableBatches(loader, seed=train.seed, rank=self.rank, world_size=self.world_size,
                                         start=data_position)
         if state is not None:  # last: nothing after this may draw random numbers before training

@@ -202,7 +202,7 @@ class FisherTune(TuningMethod):
     def estimate_and_select(self, trainer) -> None:
         """Stage 2 on the trainer's model and data stream; sets the ranking."""
         scores = self.estimate(trainer.model, _batches(trainer), seed=cfg_seed(trainer),
-                               progress=_progress_bar(trainer))
+                               progress=_progress_bar(trainer, self.cfg.num_batches))
         self.select(scores, seed=cfg_seed(trainer))
 
     def drfim_options(self) -> DRFIMOptions:
@@ -292,7 +292,7 @@ class FisherTune(TuningMethod):
         """Re-estimate at the current theta and re-order the not-yet-active candidates
         (:func:`~.selection.rerank_inactive`); a no-op for random selection."""
         scores = self.estimate(trainer.model, _batches(trainer), seed=cfg_seed(trainer) + iteration,
-                               at_current=True, progress=_progress_bar(trainer))
+                               at_current=True, progress=_progress_bar(trainer, self.cfg.num_batches))
         if scores is not None:
             rank = rerank_inactive(self.selection(), [scores[t.name] for t in self.tensors], int(self.num_active))
             self.entry_rank.copy_(rank.to(torch.int32))
@@ -309,7 +309,7 @@ def cfg_seed(trainer) -> int:
     return int(getattr(getattr(cfg, "train", None), "seed", 0) or 0)
 
 
-def _progress_bar(trainer):
+def _progress_bar(trainer, num_batches: int):
     """A progress callback for the estimate when the trainer shows progress bars, else None."""
     cfg = getattr(trainer, "cfg", None)
     show = bool(getattr(getattr(cfg, "train", None), "progress_bar", False)) and getattr(trainer, "rank", 0) == 0
@@ -317,8 +317,7 @@ def _progress_bar(trainer):
         return None
     from tqdm import tqdm
 
-    bar = tqdm(total=trainer.model.method.cfg.num_batches, desc="FisherTune estimate", unit="batch",
-               dynamic_ncols=True, leave=False)
+    bar = tqdm(total=num_batches, desc="FisherTune estimate", unit="batch", dynamic_ncols=True, leave=False)
 
     def update(done: int) -> None:
         bar.update(done - bar.n)

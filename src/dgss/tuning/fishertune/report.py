@@ -14,6 +14,7 @@ is from disjoint data (split-half Jaccard).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from .drfim import SCORE_MODES, DRFIMOptions, FisherEstimate, selection_scores
+from .drfim import SCORE_MODES, FisherEstimate, selection_scores
 from .plots import plot_score_distribution, plot_selection_fractions
 
 __all__ = ["MODULE_TYPES", "module_type", "block_label", "top_positions", "jaccard", "selection_positions",
@@ -193,7 +194,7 @@ def split_half_stability(method, segmentor, batches: Iterator[dict], *, seed: in
     sets: dict[str, list[torch.Tensor]] = {}
     for half in range(2):
         for variational in (False, True):
-            options = DRFIMOptions(**{**vars(base), "variational": variational})
+            options = dataclasses.replace(base, variational=variational)
             estimate = method.run_estimate(segmentor, batches, options, seed=seed + half, progress=progress)
             for mode in SCORE_MODES:
                 scores = selection_scores(estimate, mode, options, method.cfg.delta_max)
@@ -295,7 +296,6 @@ class _HeadWarmupTrainer:
     def __init__(self, cfg, model, loader, device):
         self.cfg, self.model, self.loader, self.device = cfg, model, loader, device
         self.total_iters, self.rank, self.world_size = cfg.train.iters, 0, 1
-        self.num_train_images = sum(len(d) for d in loader.datasets)
 
     def next_batch(self) -> dict:
         batch = next(self.loader)
