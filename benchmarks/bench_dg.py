@@ -1,18 +1,23 @@
-"""The seeded domain-generalization benchmark (issue 16): does the papers' ordering appear?
+"""The DG benchmark (issues 16 and 22): does the papers' ordering appear, in a world where it can?
 
-    python benchmarks/bench_dg.py                          # every row, 3 seeds, 640 iterations (56 min on 2 cores)
-    python benchmarks/bench_dg.py --quick                  # every row, 1 seed, a small budget (about a minute)
+    python benchmarks/bench_dg.py                          # the testbed: every required row, 3 seeds
+    python benchmarks/bench_dg.py --core                   # frozen, full, lp-ft, rein, fishertune (+ frozen-2x): P1-P4
+    python benchmarks/bench_dg.py --quick                  # every row, 1 seed, a small budget (minutes)
+    python benchmarks/bench_dg.py --world demo             # the old demo world (issue 16's benchmark)
     python benchmarks/bench_dg.py --methods frozen,full,rein,fishertune --seeds 5
     python benchmarks/bench_dg.py --device cuda            # the GPU budget (more iterations, images)
     python benchmarks/bench_dg.py --smoke                  # test-sized: a few iterations, tiny sets
 
-Each (method, seed) is the `dgss demo` experiment (the foundation ViT fine-tuned on 'clean', evaluated
-on its val split and five unseen domains) with that seed, trained by the engine, evaluated at several
-iterations (the learning curve); ``--jobs`` runs train in parallel processes (default 2 on a CPU with
-2 or more cores). Writes OUT/results.json, results.md (mean ± std per method and
-domain, paired differences to Frozen with 95% t-intervals over seeds, the papers' claims with
-verdicts) and curves.png. Finished runs (OUT/runs/<method>/seed<k>/benchmark.json) are reused when
-the config is unchanged (--fresh: run everything again). See docs/dg_benchmark.md.
+The testbed (``--world testbed``, the default; :mod:`dgss.demo.world`): the label-free foundation ViT
+(patch 8) fine-tuned on 'clean', evaluated on its val split, the blur validation family and four
+target families at two severities. Each (row, seed) is trained by the engine and evaluated at several
+iterations (the learning curve); ``--jobs`` runs train in parallel processes (default 2 on a CPU with 2
+or more cores). Writes OUT/results.json and results.md: the preconditions P1-P6 first (a failing P1-P4
+makes every verdict "not interpretable"), mean ± std per row and domain, paired differences to Frozen
+with 95% t-intervals, the papers' claims with verdicts, the selection-bias table; and curves.png.
+Finished runs (OUT/runs/<row>/seed<k>/benchmark.json) are reused when the config is unchanged, so an
+interrupted run continues with ``--resume`` (the default; --fresh: run everything again). See
+docs/dg_benchmark.md.
 """
 
 from __future__ import annotations
@@ -23,16 +28,24 @@ import os
 import sys
 import time
 
-from dgss.demo import SOURCE, TARGETS
-from dgss.demo.benchmark import BUDGETS, ROWS, SKIPPED_ROWS, clock, run_seeded
+from dgss.demo.benchmark import BUDGETS, ROWS, SKIPPED_ROWS, TESTBED_BUDGETS, clock, run_seeded
 from dgss.demo.dg_report import machine_info, write_report
-from dgss.demo.dg_stats import summarize
+from dgss.demo.dg_stats import CORE_ROWS, REQUIRED_ROWS, summarize
+from dgss.demo.world import WORLDS
+
+# the old demo world's rows (issue 16)
+DEMO_ROWS = ("frozen", "full", "rein", "fishertune", "lora", "vpt", "soma", "ft-random", "ft-fim", "ft-domain",
+             "ft-plain", "ft-no-xprime")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default=",".join(ROWS),
-                        help=f"comma-separated rows (default: all: {','.join(ROWS)})")
+    parser.add_argument("--world", choices=tuple(WORLDS), default="testbed",
+                        help="testbed (default: the faithful miniature of docs/dg_benchmark.md) or demo (issue 16's)")
+    parser.add_argument("--methods", help=f"comma-separated rows (default: the world's required rows; "
+                                          f"available: {','.join(ROWS)})")
+    parser.add_argument("--core", action="store_true",
+                        help=f"the core rows ({','.join(CORE_ROWS)}), enough to decide P1-P4")
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument("--seeds", type=int, metavar="N", help="seeds 0..N-1 (default: 3; --quick and --smoke: 1)")
     seeds.add_argument("--seed-list", metavar="S,S,...", help="these seeds, e.g. 0,1,2,7")
@@ -66,7 +79,10 @@ def plan(args: argparse.Namespace):
         print(f"bench_dg.py: error: {message}", file=sys.stderr)
         raise SystemExit(2)
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.core and args.methods:
+        fail("--core and --methods: give one of them")
+    default = CORE_ROWS if args.core else (REQUIRED_ROWS if args.world == "testbed" else DEMO_ROWS)
+    methods = [m.strip() for m in (args.methods or ",".join(default)).split(",") if m.strip()]
     unknown = [m for m in methods if m not in ROWS]
     if unknown or not methods:
         skipped = [f"{m} ({SKIPPED_ROWS[m]})" for m in unknown if m in SKIPPED_ROWS]
@@ -85,7 +101,7 @@ def plan(args: argparse.Namespace):
             fail(f"--seeds must be >= 1, got {count}")
         seeds = list(range(count))
     name = "smoke" if args.smoke else "quick" if args.quick else "cuda" if args.device == "cuda" else "default"
-    budget = BUDGETS[name]
+    budget = (TESTBED_BUDGETS if args.world == "testbed" else BUDGETS)[name]
     if args.iters is not None:
         if args.iters < 2:
             fail(f"--iters must be >= 2, got {args.iters}")
@@ -113,7 +129,8 @@ def main(argv=None) -> int:
         print(f"bench_dg.py: error: --jobs must be >= 1 (and 1 with --device cuda), got {jobs}", file=sys.stderr)
         return 2
     runs = len(methods) * len(seeds)
-    print(f"bench_dg: {len(methods)} method(s) x {len(seeds)} seed(s) = {runs} runs, budget '{name}' "
+    world = WORLDS[args.world]
+    print(f"bench_dg ({world.name} world): {len(methods)} method(s) x {len(seeds)} seed(s) = {runs} runs, budget '{name}' "
           f"({budget.iters} iterations, {budget.train_images} source scenes, {budget.eval_images} images per "
           f"domain, {points} curve points), {args.device}, {jobs} job(s) x {threads} thread(s) -> {args.out}/",
           flush=True)
@@ -121,10 +138,11 @@ def main(argv=None) -> int:
         print(f"row '{row}' skipped: {why}", flush=True)
     start = time.time()
     records = run_seeded(methods, seeds, budget, args.out, args.device, threads, points, weights=args.foundation,
-                         resume=args.resume, progress=args.progress, quiet=not args.progress, jobs=jobs)
+                         resume=args.resume, progress=args.progress, quiet=not args.progress, jobs=jobs, world=world)
     wall = time.time() - start
-    summary = summarize(records, SOURCE, TARGETS)
-    meta = {"budget_name": name, "jobs": jobs, "budget": dataclasses.asdict(budget), "seeds": seeds,
+    summary = summarize(records, world.source, world.targets, gated=world.name == "testbed")
+    meta = {"world": world.name, "source": world.source, "validation": list(world.validation),
+            "targets": list(world.targets), "budget_name": name, "jobs": jobs, "budget": dataclasses.asdict(budget), "seeds": seeds,
             "methods": methods,
             "curve_points": points, "rows": {m: {"method": ROWS[m][0], "overrides": ROWS[m][1]} for m in methods},
             "skipped_rows": SKIPPED_ROWS, "machine": machine_info(threads, args.device),

@@ -6,6 +6,7 @@
     python benchmarks/bench_methods.py --methods full,rein --grad-checkpointing      # a subset, checkpointed
     python benchmarks/bench_methods.py --methods full,full+ckpt,rein,rein+ckpt       # on/off interleaved
     python benchmarks/bench_methods.py --methods rein,rein+compile --skip-memory     # torch.compile on/off
+    python benchmarks/bench_methods.py --ema             # whole steps also update the weight EMA (train.ema)
 
 Methods: Frozen, Rein, FisherTune (random selection, all of delta_max active: its worst case), LoRA,
 VPT-deep, SoMA (the last two thirds of the blocks, as 8-23 of 24) and Full, on a DINOv2-L-shaped backbone (random weights; speed does not depend on them) with
@@ -29,6 +30,11 @@ per method: the peak resident set (VmHWM, reset through /proc/self/clear_refs on
 and inputs are built) after two backbone parts (then after two whole steps) minus the resident set at
 that reset; it therefore counts activations, gradients
 and optimizer state, not the weights. On a GPU (``--device cuda``) ``max_memory_allocated`` is used.
+
+Weight EMA (``train.ema``): the table gives the size of the EMA copy for every method (one copy of the
+tensors the whole step trains, :class:`dgss.engine.ema.WeightEMA`, whether or not ``--ema`` is given);
+with ``--ema`` the whole step also updates it, so its time and the whole-step peak include it (the copy
+is made after the peak's reset, so it counts there).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import time
 import torch
 
 from dgss.config import load_config
+from dgss.engine.ema import WeightEMA
 from dgss.engine.speed import apply_speed_options
 from dgss.models.segmentor import build_segmentor
 
@@ -114,13 +121,28 @@ def limit_part(model, images, cotangents):
     torch.autograd.backward(feats, cotangents)
 
 
-def whole_step(model, opt, images, labels, autocast=contextlib.nullcontext):
-    """One training step as the Trainer takes it (``autocast``: around the forward pass only)."""
+def whole_step(model, opt, images, labels, autocast=contextlib.nullcontext, ema=None):
+    """One training step as the Trainer takes it (``autocast``: around the forward pass only; ``ema``: a
+    :class:`WeightEMA` updated after the step, as with ``train.ema``)."""
     with autocast():
         loss = model.loss(images, labels)["loss"]
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+    if ema is not None:
+        ema.update(model, iteration=2)  # past begin_iter: the averaging update
+
+
+def make_ema(model, opt) -> WeightEMA:
+    """The weight EMA the Trainer keeps: a copy of every tensor ``opt`` trains."""
+    ema = WeightEMA()
+    ema.track(model, [p for g in opt.param_groups for p in g["params"]])
+    return ema
+
+
+def ema_bytes(opt) -> int:
+    """The size of the weight EMA's copy: the tensors ``opt`` trains."""
+    return sum(p.numel() * p.element_size() for g in opt.param_groups for p in g["params"])
 
 
 def optimizer_state_bytes(opt) -> int:
@@ -178,11 +200,13 @@ def memory_child(args) -> None:
             backbone_part(model, backbone_opt, images, cotangents)
     result["backbone"] = peak()
     if name != "limit":
+        ema = make_ema(model, whole_opt) if args.ema else None
         for _ in range(2):
-            whole_step(model, whole_opt, images, labels)
+            whole_step(model, whole_opt, images, labels, ema=ema)
         result["whole"] = peak()
         result["state_whole"] = optimizer_state_bytes(whole_opt)
         result["state_backbone"] = optimizer_state_bytes(backbone_opt) if backbone_opt is not None else 0
+        result["ema"] = ema_bytes(whole_opt)
     print("RESULT " + json.dumps(result))
 
 
@@ -206,6 +230,7 @@ def measure_time(args) -> dict:
         cotangents = [torch.randn_like(f) for f in limit_model.backbone(images)]
     backbone = {name: [] for name in ("limit",) + tuple(args.methods)}
     whole = {name: [] for name in args.methods}
+    emas = {name: make_ema(model, opt) if args.ema else None for name, (model, opt, _) in models.items()}
     for rep in range(args.warmup + args.repeats):
         backbone["limit"].append(timed(lambda: limit_part(limit_model, images, cotangents), device))
         for name, (model, _, opt) in models.items():
@@ -213,7 +238,7 @@ def measure_time(args) -> dict:
         print(f"   backbone parts, run {rep + 1}/{args.warmup + args.repeats}", flush=True)
     for rep in range(args.warmup + args.repeats):
         for name, (model, opt, _) in models.items():
-            whole[name].append(timed(lambda: whole_step(model, opt, images, labels), device))
+            whole[name].append(timed(lambda: whole_step(model, opt, images, labels, ema=emas[name]), device))
         print(f"   whole steps, run {rep + 1}/{args.warmup + args.repeats}", flush=True)
     med = lambda xs: statistics.median(xs[args.warmup:])  # noqa: E731
     return {"backbone": {k: med(v) for k, v in backbone.items()}, "whole": {k: med(v) for k, v in whole.items()},
@@ -239,6 +264,7 @@ def main() -> None:
     parser.add_argument("--compile-mode", default="default")
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--ema", action="store_true", help="whole steps also update the weight EMA (train.ema)")
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -251,12 +277,14 @@ def main() -> None:
                     "--batch", str(args.batch), "--threads", str(args.threads), "--device", args.device,
                     "--compile-mode", args.compile_mode, "--compile-backend", args.compile_backend]
     args.forward += ["--grad-checkpointing"] * args.grad_checkpointing + ["--compile"] * args.compile
+    args.forward += ["--ema"] * args.ema
     if args.memory_child:
         memory_child(args)
         return
     torch.set_num_threads(args.threads)
     options = [o for o, on in (("grad checkpointing", args.grad_checkpointing),
-                                (f"compile ({args.compile_backend}, {args.compile_mode})", args.compile)) if on]
+                                (f"compile ({args.compile_backend}, {args.compile_mode})", args.compile),
+                                ("weight EMA", args.ema)) if on]
     print(f"{args.backbone} width, {args.depth} blocks, {args.img} x {args.img}, batch {args.batch}, Mask2Former head, "
           f"{args.device}, {args.threads} threads, torch {torch.__version__}"
           + (f", {' + '.join(options)} for every method" if options else ""), flush=True)
@@ -270,7 +298,7 @@ def main() -> None:
         return f"{table[name] / table[ref]:5.2f} x full" if ref else " " * 12
 
     print("\nmethod       backbone part                      whole step             peak mem backbone / whole"
-          "       optimizer state")
+          "       optimizer state                                 EMA copy")
     print(f"{'limit':<12} {b['limit']:6.2f} s {vs_full(b, 'limit')}"
           + (f"   {'':32}{memory['limit']['backbone'] / 2**20:8.0f} MiB" if memory else ""))
     for name in args.methods:
@@ -285,7 +313,8 @@ def main() -> None:
             line += (f"   {m['backbone'] / 2**20:7.0f} MiB{rel('backbone')} / "
                      f"{m['whole'] / 2**20:6.0f} MiB{rel('whole')}"
                      f"   backbone {m['state_backbone'] / 2**20:6.1f} MiB{rel('state_backbone', '.3f')},"
-                     f" whole {m['state_whole'] / 2**20:6.1f} MiB{rel('state_whole', '.3f')}")
+                     f" whole {m['state_whole'] / 2**20:6.1f} MiB{rel('state_whole', '.3f')}"
+                     f"   {m['ema'] / 2**20:6.1f} MiB")
         print(line)
     variants = [(spec, parse_spec(spec)[0]) for spec in args.methods if "+" in spec]
     variants = [(spec, base) for spec, base in variants if base in args.methods]

@@ -1,4 +1,4 @@
-"""One prepared GPU check (issue 18): every figure only a GPU can give, in one command under 8 minutes.
+"""One prepared GPU check (issue 18): every figure only a GPU can give, in one command under 10 minutes.
 
     PYTHONPATH=src python3 benchmarks/gpu_check.py --out DIR          # on a CUDA machine, no install step
     python benchmarks/gpu_check.py --cpu-smoke --out DIR              # toy sizes on the CPU (the test's run)
@@ -18,7 +18,10 @@ keeps what it measured) and DIR/gpu_check.md, and prints the Markdown summary. S
               images, images/s, for frozen and Rein; whole-image predict (dgss predict's path) at 512.
 4. estimate   FisherTune's estimate through FisherTune.estimate / select: seconds per pass, per batch
               and per sample, and the share of a 40k schedule at the paper's 2 x 100 passes.
-5. env        GPU, CUDA, torch, timm, Python, the command line.
+5. plan       `dgss plan` against torch.cuda.max_memory_allocated (issue 24): DINOv2-L methods at the 512
+              recipe in fp32/bf16/checkpointed, FisherTune's estimate, and DINOv3-7B (the streamed estimate on
+              one GPU, Rein with bf16 and checkpointing): planned / measured, target within 15%.
+6. env        GPU, CUDA, torch, timm, Python, the command line.
 
 Each section has a time budget (--budget-*): a case starts only while its section's budget lasts and
 then repeats only while it lasts; what was skipped or shortened is recorded as "cut". The whole run is
@@ -42,11 +45,12 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _gpu_plan  # noqa: E402  (the "plan" section: dgss plan against max_memory_allocated)
 import _gpu_support as gs  # noqa: E402
 import bench_methods as bm  # noqa: E402  (model building and the timed parts, shared with the CPU benchmark)
 
-SECTIONS = ("training", "head", "inference", "estimate", "env")
-BUDGETS = {"training": 200.0, "head": 70.0, "inference": 60.0, "estimate": 70.0, "env": 10.0}
+SECTIONS = ("training", "head", "inference", "estimate", "plan", "env")
+BUDGETS = {"training": 200.0, "head": 70.0, "inference": 60.0, "estimate": 70.0, "plan": 130.0, "env": 10.0}
 METHODS = ("frozen", "rein", "fishertune", "lora", "full")
 ITERS = 40_000
 # The recipe (configs/_base_/schedule_512.yaml, dinov2-l.yaml, rein.yaml): the config defaults are these
@@ -332,8 +336,9 @@ def environment(check: Check, section: gs.Section) -> None:
     section.data["figures"].update(env)
 
 
-RUNNERS = {"training": training, "head": head, "inference": inference, "estimate": estimate, "env": environment}
-ORDER = ("env", "training", "head", "inference", "estimate")  # env first: cheap, and kept if a later one hangs
+RUNNERS = {"training": training, "head": head, "inference": inference, "estimate": estimate,
+           "plan": _gpu_plan.plan_section, "env": environment}
+ORDER = ("env", "training", "head", "inference", "estimate", "plan")  # env first: cheap, and kept if a later one hangs
 
 
 def parse_args(argv=None):
@@ -344,8 +349,8 @@ def parse_args(argv=None):
     parser.add_argument("--section-budget-s", type=float, help="one budget for every section (overrides --budget-*)")
     for name, seconds in BUDGETS.items():
         parser.add_argument(f"--budget-{name}", type=float, default=seconds, help=f"seconds (default {seconds:.0f})")
-    parser.add_argument("--total-budget-s", type=float, default=420.0, help="no section starts after this")
-    parser.add_argument("--hard-limit-s", type=float, default=450.0,
+    parser.add_argument("--total-budget-s", type=float, default=550.0, help="no section starts after this")
+    parser.add_argument("--hard-limit-s", type=float, default=585.0,
                         help="the watchdog ends the run this long after it started (imports not counted)")
     parser.add_argument("--warmup", type=int, help="warm-up runs per case (default 2; smoke 1)")
     parser.add_argument("--repeats", type=int, help="timed runs per case (default 5; smoke 2)")

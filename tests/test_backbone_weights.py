@@ -192,3 +192,35 @@ def test_pickled_code_is_refused(tmp_path):
     torch.save({"model": Evil()}, path)
     with pytest.raises(BackboneWeightsError, match="evil.pth"):
         build_backbone("dinov2_s", img_size=64, weights=str(path), **TINY_VIT)
+
+
+def dinov3_official_state_dict(backbone) -> dict:
+    """timm DINOv3 -> the layout of Meta's dinov3_vit*16_pretrain_*.pth files (the 7B's included: its
+    pretraining-only local_cls_norm and mask_token, SwiGLU as w1/w2/w3, LayerScale as ls*.gamma)."""
+    renames = (("reg_token", "storage_tokens"), ("gamma_1", "ls1.gamma"), ("gamma_2", "ls2.gamma"),
+               ("mlp.fc1_g", "mlp.w1"), ("mlp.fc1_x", "mlp.w2"), ("mlp.fc2", "mlp.w3"))
+    sd = {}
+    for key, value in backbone.model.state_dict().items():
+        for old, new in renames:
+            key = key.replace(old, new)
+        sd[key] = value.clone()
+    dim = sd["cls_token"].shape[-1]
+    sd["mask_token"] = torch.randn(1, dim)
+    sd["local_cls_norm.weight"], sd["local_cls_norm.bias"] = torch.randn(dim), torch.randn(dim)
+    return sd
+
+
+def test_official_dinov3_7b_file_loads_and_reproduces_the_model(tmp_path):
+    # the 7B's architecture (SwiGLU aligned to 64, no qkv bias, 4 registers) at width 64 and depth 4
+    tiny = dict(depth=4, embed_dim=64, num_heads=2)
+    source = build_backbone("dinov3_7b", img_size=64, **tiny)
+    randomize(source.model)
+    official = dinov3_official_state_dict(source)
+    assert "blocks.0.mlp.w1.weight" in official and "storage_tokens" in official
+    assert not any("qkv.bias" in k for k in official)
+    path = tmp_path / "dinov3_vit7b16_pretrain_lvd1689m.pth"
+    torch.save(official, path)
+    loaded = build_backbone("dinov3_7b", img_size=64, weights=str(path), **tiny)
+    for key, value in source.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+    assert_same_features(source, loaded, torch.randn(2, 3, 64, 96))

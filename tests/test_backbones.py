@@ -102,3 +102,17 @@ def test_cnn_blocks_cover_every_stage():
 def test_unknown_backbone_names_the_closest():
     with pytest.raises(ValueError, match="unknown backbone 'dinov2_xl'.*did you mean 'dinov2_l'"):
         build_backbone("dinov2_xl")
+
+
+def test_dinov3_7b_parameter_count_is_timms_on_the_meta_device():
+    # 6,716,030,976 parameters (the "7B"): dgss drops no parameter of the dense trunk, nothing is allocated
+    import timm
+
+    with torch.device("meta"):
+        backbone = build_backbone("dinov3_7b")
+        reference = timm.create_model("vit_7b_patch16_dinov3", pretrained=False, num_classes=0)
+    count = sum(p.numel() for p in backbone.model.parameters())
+    assert count == sum(p.numel() for p in reference.parameters()) == 6_716_030_976
+    assert all(p.is_meta for p in backbone.parameters())
+    assert len(backbone.blocks) == 40 and backbone.embed_dim == 4096 and backbone.num_prefix_tokens == 5
+    assert backbone.out_indices == (9, 19, 29, 39) and backbone.patch_size == 16

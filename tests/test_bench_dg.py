@@ -38,7 +38,8 @@ def count_trainers(monkeypatch):
 
 def test_smoke_run_writes_every_value_and_reuses_finished_runs(tmp_path, capsys, count_trainers):
     out = tmp_path / "bench"
-    argv = ["--smoke", "--methods", "frozen,fishertune", "--seeds", "2", "--out", str(out), "--jobs", "1"]
+    argv = ["--world", "demo", "--smoke", "--methods", "frozen,fishertune", "--seeds", "2", "--out", str(out),
+            "--jobs", "1"]
     assert bench_dg.main(argv) == 0
     printed = capsys.readouterr().out
     assert count_trainers == ["frozen/seed0", "frozen/seed1", "fishertune/seed0", "fishertune/seed1"]
@@ -209,7 +210,8 @@ def test_runs_in_parallel_processes_give_the_same_numbers(tmp_path):
     results = {}
     for jobs in (1, 2):
         out = tmp_path / f"jobs{jobs}"
-        assert bench_dg.main(["--smoke", "--methods", "frozen,rein", "--out", str(out), "--jobs", str(jobs)]) == 0
+        assert bench_dg.main(["--world", "demo", "--smoke", "--methods", "frozen,rein", "--out", str(out),
+                              "--jobs", str(jobs)]) == 0
         data = json.loads((out / "results.json").read_text())
         assert data["jobs"] == jobs and data["runs_trained"] == 2
         results[jobs] = [(r["row"], r["seed"], r["curve"]) for r in data["runs"]]

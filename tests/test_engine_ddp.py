@@ -15,7 +15,9 @@ TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "
 
 
 def test_two_gloo_processes_equal_one_process_with_the_doubled_batch(tmp_path):
-    common = dict(iters=3, grad_accum=1)
+    # with the weight EMA on (each process keeps its own average of the same weights): the final model is
+    # the average, the raw weights are beside it, and both equal the single process's
+    common = dict(iters=3, grad_accum=1, ema={"enabled": True, "momentum": 0.5, "begin_iter": 1})
     single = tiny_config(tmp_path, "single", batch_size=2, **common)
     ddp = tiny_config(tmp_path, "ddp", batch_size=1, **common)
     one = run_python("-m", "dgss", "train", str(single))
@@ -23,13 +25,16 @@ def test_two_gloo_processes_equal_one_process_with_the_doubled_batch(tmp_path):
     two = run_python(*TORCHRUN, "-m", "dgss", "train", str(ddp))
     assert two.returncode == 0, two.stderr
     assert "2 process(es) on cpu" in two.stdout and two.stdout.count("trainable parameters") == 1  # rank 0 only
-    expected = weights(tmp_path / "runs/single/model_final.safetensors")
-    actual = weights(tmp_path / "runs/ddp/model_final.safetensors")
-    changed = False
-    for key, value in expected.items():
-        torch.testing.assert_close(actual[key], value, rtol=1e-4, atol=1e-6, msg=key)
-        changed |= key.startswith("backbone.model.") and key.endswith("qkv.weight")
-    assert changed  # the full method really trained the backbone through DDP
+    for name in ("model_final.safetensors", "model_final_raw.safetensors"):
+        expected = weights(tmp_path / "runs/single" / name)
+        actual = weights(tmp_path / "runs/ddp" / name)
+        changed = False
+        for key, value in expected.items():
+            torch.testing.assert_close(actual[key], value, rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
+            changed |= key.startswith("backbone.model.") and key.endswith("qkv.weight")
+        assert changed  # the full method really trained the backbone through DDP
+    averaged, raw = (weights(tmp_path / "runs/ddp" / n) for n in ("model_final.safetensors", "model_final_raw.safetensors"))
+    assert not torch.allclose(averaged["backbone.model.blocks.0.attn.qkv.weight"], raw["backbone.model.blocks.0.attn.qkv.weight"])
 
     # evaluation: each process takes half of the images, the confusion matrices are summed
     model = tmp_path / "runs/single/model_final.safetensors"

@@ -39,14 +39,16 @@ from dgss.engine import checkpoint
 calls = []
 real_save = torch.save
 
-def save(obj, path, *args, **kwargs):
-    calls.append(path)
+def save(obj, f, *args, **kwargs):
+    calls.append(f)
     if len(calls) == 2:
-        real_save(obj, path, *args, **kwargs)
-        with open(path, "r+b") as f:   # only half of the bytes made it to disk
-            f.truncate(os.path.getsize(path) // 2)
+        real_save(obj, f, *args, **kwargs)
+        f.flush()
+        name = getattr(f, "name", f)   # the temporary file being written (dgss passes a file object)
+        with open(name, "r+b") as g:   # only half of the bytes made it to disk
+            g.truncate(os.path.getsize(name) // 2)
         os.kill(os.getpid(), signal.SIGKILL)
-    return real_save(obj, path, *args, **kwargs)
+    return real_save(obj, f, *args, **kwargs)
 
 checkpoint.torch.save = save
 sys.exit(main(["train", *sys.argv[1:]]))

@@ -62,6 +62,9 @@ def test_cpu_smoke_run_has_every_section_with_sane_figures(tmp_path, monkeypatch
         assert positive(estimate["cases"][f"estimate/{kind}"]["s_per_pass"])
         assert 0 < estimate["figures"][f"{kind}: share of 40k"] < 1
     assert estimate["figures"]["paper_passes"] == 200
+    plan = data["sections"]["plan"]
+    assert plan["figures"]["cases_planned"] == len(plan["cases"]) == 5
+    assert all(positive(entry["planned_mib"]) for entry in plan["cases"].values())
     env = data["sections"]["env"]["figures"]
     assert env["torch"] == torch.__version__ and env["timm"] and "--cpu-smoke" in env["command"]
     summary = (tmp_path / "gpu_check.md").read_text()

@@ -13,6 +13,7 @@ import dgss
 from dgss.config import load_config
 from dgss.data import TRAIN_ID_TO_LABEL_ID
 from dgss.engine.trainer import Trainer
+from dgss.fileio import CHECKSUM_KEY, save_safetensors
 from dgss.models.segmentor import build_segmentor
 from dgss.predict import TTA, CheckpointError, Predictor, parse_tta, train_ids_to_label_ids, tta_inference
 from dgss.tuning.rein_checkpoint import export_official_rein
@@ -126,9 +127,12 @@ def test_bad_checkpoints_are_clear_errors_naming_the_file(trained_rein, tmp_path
     dropped = sorted(k for k in state if k.startswith("head."))[0]
     del state[dropped]
     truncated = tmp_path / "missing_key.safetensors"
-    save_file(state, str(truncated), metadata=metadata)
-    with pytest.raises(CheckpointError, match=rf"missing_key\.safetensors does not fit.*{dropped}"):
+    save_file(state, str(truncated), metadata=metadata)  # the old checksum: refused as damaged
+    with pytest.raises(CheckpointError, match=r"missing_key\.safetensors is damaged: its contents do not match"):
         dgss.load(truncated)
+    save_safetensors(state, truncated, metadata={k: v for k, v in metadata.items() if k != CHECKSUM_KEY})
+    with pytest.raises(CheckpointError, match=rf"missing_key\.safetensors does not fit.*{dropped}"):
+        dgss.load(truncated)  # a well-formed file without that key
 
 
 def test_label_ids_map_train_ids_back_to_cityscapes_ids():

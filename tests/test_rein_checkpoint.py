@@ -215,3 +215,27 @@ def test_segmentor_training_step_trains_rein_and_head_only(dinov2_file):
     for name, p in model.method.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert all(p.grad is None for p in model.backbone.model.parameters())
+
+
+def test_dgss_eval_takes_an_official_rein_file_with_the_config_it_was_trained_with(tmp_path, dinov2_file):
+    import json
+
+    from test_engine_support import tiny_config
+
+    from dgss.cli import main
+    from dgss.config import load_config
+    from dgss.engine.distributed import DistContext
+    from dgss.engine.evaluate import evaluate_datasets
+
+    config = tiny_config(tmp_path, "rein_official", head="mask2former", method="rein", weights=str(dinov2_file))
+    model = trained_segmentor(load_config(config))
+    official = tmp_path / "rein_official.pth"
+    torch.save({"meta": {}, "state_dict": export_official_rein(model.method, model.head)}, official)
+    out = tmp_path / "eval_official"
+    assert main(["eval", str(config), "--checkpoint", str(official), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    cfg = load_config(config)
+    expected = evaluate_datasets(model, cfg.data.test, cfg, DistContext())  # the model the file came from
+    assert set(results["datasets"]) == {r.name for r in expected}
+    for r in expected:  # results.json rounds to 4 decimals
+        assert results["datasets"][r.name]["miou"] == pytest.approx(r.miou, abs=1e-4), r.name

@@ -301,3 +301,122 @@ def test_the_trainer_steps_with_the_annealed_weight_decay(tmp_path):
     trainer.train()
     assert seen == pytest.approx([annealed_weight_decay(0.05, 1e-5, it, 4) for it in range(4)])
     assert seen[0] == pytest.approx(0.05) and seen[-1] < seen[0] / 2
+
+
+# --------------------------------------------------------------------------------------------
+# init: public_code (what the authors' code ran: the minor components of the random initialisation)
+
+
+def public_code_effective_weights(pretrained, targets, rank, scaling, seed):
+    """The public code's order of operations, written out for the test (rein/peft/sora.py as it runs
+    under mmengine): the ViT is built with PyTorch's default nn.Linear initialisation, each targeted
+    Linear is decomposed in float32 (A, B from its r smallest triplets, sqrt(S / s) on both sides) and
+    replaced by W - s B A, then the pretrained weights are loaded over that residual. Returns
+    {layer: (W_pt + s B A, A, B)} for ``targets``, a list of (layer name, pretrained weight)."""
+    torch.manual_seed(seed)
+    built = [(name, torch.nn.Linear(w.shape[1], w.shape[0])) for name, w in targets]  # construction
+    out = {}
+    for name, linear in built:
+        u, s, vh = torch.linalg.svd(linear.weight.data.float(), full_matrices=False)  # sora_init
+        sr = s[-rank:] / scaling
+        a = torch.diag(torch.sqrt(sr)) @ vh[-rank:, :]
+        b = u[:, -rank:] @ torch.diag(torch.sqrt(sr))
+        linear.weight.data = linear.weight.data - scaling * b @ a  # the residual ...
+        linear.weight.data = pretrained[name].clone()  # ... which init_weights() overwrites (strict=False)
+        out[name] = (linear.weight.data + scaling * b @ a, a, b)  # the layer's forward: W x + s B A x
+    return out
+
+
+def test_public_code_init_starts_at_w_plus_sba_of_the_default_linear_initialisation():
+    backbone = build_backbone("dinov2_s", img_size=64, **TINY_VIT)
+    with torch.no_grad():
+        for p in backbone.model.parameters():
+            p.normal_(0, 0.2)  # stand-in pretrained weights
+    opts = SoMAConfig(rank=4, alpha=8.0, start_block=2, init="public_code", init_seed=7, svd_dtype="float32")
+    method = build_method(MethodConfig(name="soma", soma=opts), backbone)
+    # the public code's layers, q, k and v separate, in its order: per block q, k, v, proj, fc1, fc2
+    pretrained, targets = {}, []
+    for block in (2, 3):
+        model = backbone.model.blocks[block]
+        for name, weight in zip("qkv", model.attn.qkv.weight.detach().chunk(3)):
+            targets.append((f"blocks.{block}.attn.{name}", weight))
+        targets += [(f"blocks.{block}.attn.proj", model.attn.proj.weight.detach()),
+                    (f"blocks.{block}.mlp.fc1", model.mlp.fc1.weight.detach()),
+                    (f"blocks.{block}.mlp.fc2", model.mlp.fc2.weight.detach())]
+    pretrained = dict(targets)
+    expected = public_code_effective_weights(pretrained, targets, rank=4, scaling=2.0, seed=7)
+    for path in method.target_names:
+        linear = backbone.model.get_submodule(path)
+        names = [path[:-3] + n for n in "qkv"] if path.endswith("qkv") else [path]
+        want = torch.cat([expected[n][0] for n in names])
+        # the effective weight the hook applies (identity input, bias removed), and the folded one
+        with torch.no_grad():
+            applied = (linear(torch.eye(linear.in_features)) - method.layers[path.replace(".", "_")].bias).t()
+        assert float((applied - want).abs().max()) < 1e-6, path
+        delta = torch.cat([p.weight_delta() for p in method.layers[path.replace(".", "_")].parts])
+        assert float((linear.weight.double() + delta - want.double()).abs().max()) < 1e-6, path
+        assert float(delta.abs().max()) > 1e-3  # it does not start at the pretrained weight
+        for name, part in zip(names, method.layers[path.replace(".", "_")].parts):
+            torch.testing.assert_close(part.a.detach(), expected[name][1], rtol=0, atol=1e-6)
+            torch.testing.assert_close(part.b.detach(), expected[name][2], rtol=0, atol=1e-6)
+            assert part.a_init is None and part.b_init is None
+    assert not [k for k in method.state_dict() if k.endswith("_init")]  # no frozen start: the residual is W
+    # the random weights are PyTorch's nn.Linear default, kaiming-uniform U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+    # not DINOv2's truncated normal (std 0.02): |B A| is of the size of the uniform draw's minor part
+    fc1 = method.layers["blocks_2_mlp_fc1"].parts[0]
+    assert float(fc1.weight_delta().abs().max()) > 0.05
+
+
+def test_public_code_init_is_seeded_counted_trained_and_saved(tmp_path):
+    with torch.device("meta"):  # the count needs no draw and no SVD
+        method = build_method(MethodConfig(name="soma", soma=SoMAConfig(init="public_code")), build_backbone("dinov2_l"))
+    assert method.num_trainable_backbone_parameters() == 4_866_048
+
+    weights = backbone_weights_file(tmp_path)
+    cfg, model = soma_model("method.soma.init=public_code", "method.soma.init_seed=3", weights=str(weights))
+    _, same = soma_model("method.soma.init=public_code", "method.soma.init_seed=3", weights=str(weights))
+    _, other = soma_model("method.soma.init=public_code", "method.soma.init_seed=4", weights=str(weights))
+    a = {k: v for k, v in model.method.state_dict().items()}
+    assert all(torch.equal(v, same.method.state_dict()[k]) for k, v in a.items())
+    assert not torch.equal(a["layers.blocks_1_mlp_fc1.parts.0.a"], other.method.state_dict()["layers.blocks_1_mlp_fc1.parts.0.a"])
+    _, paper = soma_model(weights=str(weights))
+    images = batch()["image"]
+    with torch.no_grad():  # W + s B A_random is not the pretrained model the paper init starts at
+        assert not torch.allclose(model.eval().whole_inference(images), paper.eval().whole_inference(images), atol=1e-4)
+    # it trains like the paper init: every factor gets a gradient, the backbone stays as it is
+    model.train()
+    data = batch()
+    model.loss(data["image"], data["label"])["loss"].backward()
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.method.parameters())
+    # model files: no start buffers, a strict round trip, and a paper-init file does not load into it
+    perturb(model.method)
+    model.eval()
+    path = save_model(model, cfg, tmp_path / "public.safetensors")
+    fresh = build_segmentor(cfg).eval()
+    load_model_weights(fresh, path)
+    with torch.no_grad():
+        assert torch.equal(model.whole_inference(images), fresh.whole_inference(images))
+    paper_cfg = tiny_cfg("soma", *TINY, weights=str(weights))
+    paper_file = save_model(paper, paper_cfg, tmp_path / "paper.safetensors")
+    with pytest.raises(Exception, match="a_init"):
+        load_model_weights(fresh, paper_file)
+    # folding gives W + s B A; a second fold changes nothing
+    with torch.no_grad():
+        reference = model.whole_inference(images)
+        model.method.merge_into_backbone()
+        model.method.merge_into_backbone()
+        assert float((model.whole_inference(images) - reference).abs().max()) < 1e-4
+
+
+def test_the_public_code_config_is_the_published_recipe_with_its_init_and_ema():
+    import dataclasses
+
+    base = load_config(CONFIGS / "soma/dinov2-l_gtav_512.yaml")
+    public = load_config(CONFIGS / "soma/dinov2-l_gtav_512_public-code.yaml")
+    assert public.method.soma.init == "public_code" and base.method.soma.init == "paper"
+    assert (public.train.ema.enabled, public.train.ema.momentum, public.train.ema.begin_iter) == (True, 2e-4, 12000)
+    assert not base.train.ema.enabled
+    # everything else is the published recipe
+    same = dataclasses.replace(public, name=base.name, train=dataclasses.replace(public.train, ema=base.train.ema),
+                               method=dataclasses.replace(public.method, soma=base.method.soma))
+    assert same == base

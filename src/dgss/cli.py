@@ -3,8 +3,10 @@
     dgss --version
     dgss backbones                       # the VFM zoo with parameter counts
     dgss config CONFIG [key=value ...]   # validate a config and print it fully resolved
-    dgss train CONFIG [key=value ...] [--resume [CHECKPOINT]]   # also under torchrun
+    dgss train CONFIG [key=value ...] [--resume [CHECKPOINT] | --auto-resume]   # also under torchrun
     dgss eval CONFIG --checkpoint FILE [key=value ...]         # every data.test dataset
+    dgss plan CONFIG [key=value ...] [--gpus N --gpu-memory 80GB] [--json]   # memory per process, fits?
+    dgss convert CHECKPOINT --out FILE   # an FSDP checkpoint -> a plain model file
     dgss fisher CONFIG [key=value ...]   # FisherTune stages 1-2: DR-FIM scores, selection, plots
     dgss compare CONFIG --methods frozen,rein,lora [key=value ...] [--out DIR] [--no-run]
     dgss predict --checkpoint FILE INPUT... --out DIR [--format colour,overlay] [--tta flip]
@@ -13,6 +15,7 @@
 
 Each sub-command is a (help, add_arguments, run) triple in ``COMMANDS``; errors the user can fix
 (bad config, missing file) print one clear line and exit with status 2 instead of a traceback.
+``dgss train`` stopped by SIGTERM/SIGUSR1 exits with 75 after checkpointing (for requeue scripts).
 """
 
 from __future__ import annotations
@@ -113,6 +116,47 @@ def _config_run(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# dgss plan
+# ------------------------------------------------------------------------------------------------
+
+
+def _plan_args(parser: argparse.ArgumentParser) -> None:
+    _add_config_args(parser)
+    parser.add_argument("--gpus", type=int, default=1, help="processes (GPUs) the run uses (default 1)")
+    parser.add_argument("--gpu-memory", metavar="SIZE", help="memory of one GPU, e.g. 80GB or 141GB (GB = GiB)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="plan a GPU run (default) or a CPU run (fp32, AdamW's CPU step)")
+    parser.add_argument("--json", action="store_true", help="machine-readable: total_bytes, fits and every part")
+
+
+def _plan_run(args: argparse.Namespace) -> int:
+    from .engine.memory_plan import parse_memory
+    from .plan import run_plan
+
+    cfg = _load_checked_config(args)
+    if args.gpus < 1:
+        raise UsageError(f"--gpus must be at least 1, got {args.gpus}")
+    memory = parse_memory(args.gpu_memory) if args.gpu_memory else None
+    print(run_plan(cfg, source=args.config, gpus=args.gpus, gpu_memory=memory, as_json=args.json, device=args.device))
+    return 0
+
+
+def _convert_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="an FSDP checkpoint: iter_N.dcp, its .fsdp.pt, or a run's checkpoints folder")
+    parser.add_argument("--out", required=True, metavar="FILE", help="the model file to write (.safetensors)")
+    parser.add_argument("--config", help="the run's config (default: RUN/config.yaml next to the checkpoints)")
+
+
+def _convert_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .engine.fsdp import convert_checkpoint
+
+    cfg = load_config(args.config) if args.config else None
+    print(f"wrote {convert_checkpoint(args.checkpoint, args.out, cfg)}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
 # dgss fisher
 # ------------------------------------------------------------------------------------------------
 
@@ -206,7 +250,29 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrain-foundation", metavar="OUT",
                         help="instead of the demo: pretrain the foundation ViT as the shipped file was made, "
                         "and write it to OUT")
+    parser.add_argument("--pretrain-ssl", metavar="OUT",
+                        help="instead of the demo: pretrain the DG testbed's label-free foundation ViT (DINO + "
+                        "iBOT on the unlabeled pool) as the shipped file was made, write OUT and its manifest "
+                        "(OUT with .json); resumable from OUT.ckpt")
+    parser.add_argument("--device", default="cpu", help="with --pretrain-ssl: cpu (default) or cuda")
     parser.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
+
+
+def _pretrain_ssl(args: argparse.Namespace) -> int:
+    from .demo.foundation_ssl import PRETRAIN_SSL, pretrain_ssl_foundation
+
+    out = Path(args.pretrain_ssl)
+    _check_output(out.parent, "folder of --pretrain-ssl")
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise UsageError(f"--device must be cpu or cuda, got {args.device}")
+    overrides = {"threads": args.threads} if args.threads else {}
+    iters = args.iters or PRETRAIN_SSL["iters"]
+    print(f"pretraining the testbed's label-free foundation ViT: {iters} iterations of "
+          f"{PRETRAIN_SSL['batch_size']} unlabeled pool images on {args.device} (checkpoint: {out}.ckpt)", flush=True)
+    path = pretrain_ssl_foundation(out, iters=args.iters, device=args.device, checkpoint=f"{out}.ckpt",
+                                   progress=not args.no_progress, overrides=overrides)
+    print(f"foundation ViT written to {path}, manifest {path.with_suffix('.json')}")
+    return 0
 
 
 def _demo_run(args: argparse.Namespace) -> int:
@@ -216,6 +282,8 @@ def _demo_run(args: argparse.Namespace) -> int:
 
     from .demo import DEMO_SEEDS, FULL_BUDGET, METHODS, QUICK_BUDGET, pretrain_foundation, run_demo
 
+    if args.pretrain_ssl:
+        return _pretrain_ssl(args)
     if args.pretrain_foundation:
         import torch
 
@@ -260,24 +328,42 @@ def _demo_run(args: argparse.Namespace) -> int:
 def _train_args(parser: argparse.ArgumentParser) -> None:
     _add_config_args(parser)
     parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-                        help="continue a run: the newest checkpoint in RUN/checkpoints, or the file/folder given")
+                        help="continue a run: the newest intact checkpoint in RUN/checkpoints, or the file/folder "
+                        "given")
+    parser.add_argument("--auto-resume", action="store_true",
+                        help="continue from the newest intact checkpoint when the run has one, else start it: the "
+                        "same command for every attempt of a requeued or restarted (torchrun --max-restarts) job")
+    parser.epilog = ("SIGTERM or SIGUSR1 (preemption, SLURM's --signal) makes every process finish its step; the "
+                     "run writes a checkpoint of that iteration and exits with status 75 (resume with --resume or "
+                     "--auto-resume). A save that finds the disk full stops with one line (status 2), the previous "
+                     "checkpoint intact.")
 
 
 def _train_run(args: argparse.Namespace) -> int:
     from .engine.checkpoint import CheckpointError, resolve_checkpoint
     from .engine.distributed import shutdown_distributed
+    from .engine.preemption import TrainingPreempted
     from .engine.trainer import NonFiniteLossError, Trainer
 
     resume = args.resume
     if isinstance(resume, str) and "=" in resume and not Path(resume).exists():
         args.overrides.append(resume)  # `--resume key=value`: a bare --resume followed by an override
         resume = True
+    if args.auto_resume:
+        if resume:
+            raise UsageError("--resume and --auto-resume exclude each other")
+        resume = "auto"
     cfg = _load_checked_config(args)
     # what the run reads and where it writes, before the model is built
     _check_inputs(cfg, ("train", "val"))
-    if resume:
+    if resume and resume != "auto":
         try:
-            resolve_checkpoint(None if resume is True else resume, cfg.run_dir / "checkpoints")
+            if cfg.train.parallel == "fsdp":  # iter_N.dcp checkpoints (dgss.engine.fsdp)
+                from .engine.fsdp import latest_checkpoint
+
+                latest_checkpoint(cfg.run_dir / "checkpoints" if resume is True else resume)
+            else:
+                resolve_checkpoint(None if resume is True else resume, cfg.run_dir / "checkpoints")
         except CheckpointError as err:
             raise UsageError(str(err)) from err
     _check_output(cfg.run_dir, "run folder (output_dir/name)")
@@ -288,6 +374,8 @@ def _train_run(args: argparse.Namespace) -> int:
     except NonFiniteLossError as err:
         print(f"dgss train: error: {err}", file=sys.stderr)
         return 1
+    except TrainingPreempted as stop:  # the run logged its line; the status tells a requeue script
+        return stop.code
     finally:
         shutdown_distributed()
     return 0 if path else 1
@@ -296,7 +384,8 @@ def _train_run(args: argparse.Namespace) -> int:
 def _eval_args(parser: argparse.ArgumentParser) -> None:
     _add_config_args(parser)
     parser.add_argument("--checkpoint", required=True, metavar="FILE",
-                        help="a dgss model file: RUN/model_final.safetensors or a training checkpoint")
+                        help="a dgss model file (RUN/model_final.safetensors or a training checkpoint), or an "
+                             "official Rein / released SoMA .pth trained with this config")
     parser.add_argument("--out", metavar="DIR", help="folder for results.json/.md (default: RUN/eval)")
 
 
@@ -307,6 +396,7 @@ def _eval_run(args: argparse.Namespace) -> int:
     from .engine.trainer import seed_everything
     from .fileio import check_input_file
     from .models.segmentor import build_segmentor
+    from .predict.loading import is_dgss_model_file, load_segmentor
 
     cfg = _load_checked_config(args)
     if not cfg.data.test:
@@ -321,11 +411,15 @@ def _eval_run(args: argparse.Namespace) -> int:
     ctx = init_distributed(cfg.train.device)
     try:
         seed_everything(cfg.train.seed)
-        model = build_segmentor(cfg).to(ctx.device)
         try:
-            load_model_weights(model, checkpoint)
+            if is_dgss_model_file(checkpoint):
+                model = build_segmentor(cfg)
+                load_model_weights(model, checkpoint)
+            else:  # an official Rein or released SoMA file (or a plain state dict), with this config
+                model = load_segmentor(checkpoint, config=cfg).model
         except CheckpointError as err:
             raise UsageError(str(err)) from err
+        model = model.to(ctx.device)
         amp = cfg.train.amp if ctx.device.type == "cuda" else "none"
         out = Path(args.out) if args.out else cfg.run_dir / "eval"
         from tqdm import tqdm
@@ -460,6 +554,10 @@ COMMANDS: dict[str, Command] = {
                 _predict_args, _predict_run),
     "export": ("export a trained model to ONNX or TorchScript (fixed input size, methods folded)", _export_args,
                _export_run),
+    "plan": ("memory per process of a config before it runs: fits or not, and the smallest change that fits",
+             _plan_args, _plan_run),
+    "convert": ("turn an FSDP checkpoint (train.parallel=fsdp) into a plain model file for eval and predict",
+                _convert_args, _convert_run),
     "fisher": ("FisherTune stages 1-2 alone: DR-FIM scores, selection and plots", _fisher_args, _fisher_run),
     "compare": ("run or collect several methods on one protocol and write the comparison table", _compare_args,
                 _compare_run),

@@ -39,6 +39,7 @@ __all__ = [
     "VQTConfig",
     "ChildTuneConfig",
     "SoMAConfig",
+    "EMAConfig",
     "DEFAULT_BACKBONE_LR_MULT",
     "DatasetConfig",
     "DataConfig",
@@ -165,6 +166,15 @@ class FisherTuneConfig:
     # numbers train with it; the rate is not given: 0.5, the rate of DSU (Li et al., ICLR 2022), the
     # feature-statistics augmentation x' resembles.
     train_perturb_prob: float = 0.5
+    # Memory of the estimate: "streamed" squares each tensor's gradient into its sum as soon as it exists
+    # and ranks one tensor's scores at a time with a running top-k (what fits DINOv3-7B on one 141 GB GPU);
+    # "dense" keeps every gradient and score at once (the reference; it also skips a pass with a
+    # non-finite gradient under a finite loss, where "streamed" stops). Both select the same entries.
+    estimate_memory: Literal["streamed", "dense"] = "streamed"
+    # A selection.safetensors that `dgss fisher` wrote for this config: stage 2 loads it instead of
+    # estimating. Under train.parallel=fsdp it is required (the estimate needs the unsharded model: run
+    # `dgss fisher` on one GPU large enough for it, `dgss plan` tells which, then train sharded)
+    selection_file: Optional[str] = None
 
 
 @dataclass
@@ -249,20 +259,37 @@ class SoMAConfig:
     # the exact SVD (lora_weight_init "sora") in float64 on the weight's device (the code uses float32;
     # float64 resolves the smallest singular vectors better)
     svd_dtype: Literal["float64", "float32"] = "float64"
+    # which weights the factors start from. "paper": the pretrained weights' minor components, the residual
+    # W - s B A frozen, so training starts exactly at the pretrained model. "public_code": what the public
+    # code ran (it decomposes the backbone's randomly initialised weights, before the pretrained ones are
+    # loaded over the residual): the minor components of a seeded PyTorch-default nn.Linear initialisation,
+    # the residual the plain pretrained W, so training starts at W + s B A (dgss.tuning.soma)
+    init: Literal["paper", "public_code"] = "paper"
+    init_seed: int = 0  # "public_code": seed of the random weights that are decomposed
+
+
+@dataclass
+class LPFTConfig:
+    """LP-FT (Kumar et al., ICLR'22, "Fine-Tuning can Distort Pretrained Features"): the head trains
+    alone on the frozen backbone first (linear probing's role), then everything trains (dgss.tuning.lpft)."""
+
+    # share of train.iters in the probing stage; the paper probes to convergence first, dgss splits one
+    # budget, half and half by default
+    probe_fraction: float = 0.5
 
 
 # name -> the backbone lr multiplier a method gets when method.backbone_lr_mult is not set. Full
 # fine-tuning collapses at lr x 1 (the Rein authors' finding, protocols.md); ChildTune-F is full
 # fine-tuning with a random gradient mask, so it gets the same.
 # SoMA's factors stand for backbone weights and get the public code's "backbone" lr_mult 0.5.
-DEFAULT_BACKBONE_LR_MULT = {"full": 0.1, "childtune-f": 0.1, "soma": 0.5}
+DEFAULT_BACKBONE_LR_MULT = {"full": 0.1, "lp-ft": 0.1, "childtune-f": 0.1, "soma": 0.5}
 
 
 @dataclass
 class MethodConfig:
     """Which tuning method adapts the backbone, and its options."""
 
-    # frozen | full | rein | fishertune | lora | vpt | adaptformer | vqt | childtune-f | childtune-d | soma
+    # frozen | full | lp-ft | rein | fishertune | lora | vpt | adaptformer | vqt | childtune-f | childtune-d | soma
     name: str = "frozen"
     # lr multiplier of the pretrained backbone's trainable tensors; null: the method's default
     # (DEFAULT_BACKBONE_LR_MULT: 0.1 for full and childtune-f, 0.5 for soma, else 1.0), resolved when the
@@ -276,6 +303,7 @@ class MethodConfig:
     vqt: VQTConfig = field(default_factory=VQTConfig)
     childtune: ChildTuneConfig = field(default_factory=ChildTuneConfig)
     soma: SoMAConfig = field(default_factory=SoMAConfig)
+    lpft: LPFTConfig = field(default_factory=LPFTConfig)
     options: dict[str, Any] = field(default_factory=dict)  # options of methods added outside dgss
 
     def __post_init__(self) -> None:
@@ -333,6 +361,20 @@ class DataConfig:
 
 
 @dataclass
+class EMAConfig:
+    """Exponential moving average of the trainable weights (dgss.engine.ema), as mmengine's EMAHook keeps
+    it: used for validation and written as the final model; the raw weights are kept beside it."""
+
+    enabled: bool = False
+    # after every iteration: ema = (1 - momentum) * ema + momentum * weights. mmengine's convention (the
+    # weight of the new value, not the decay of the old average); 2e-4 is mmengine's default
+    momentum: float = 2.0e-4
+    # the average starts after iteration max(begin_iter, 1) (counted from 1): until then it is a copy of
+    # the weights (mmengine's EMAHook begin_iter; the SoMA public code uses 12000)
+    begin_iter: int = 0
+
+
+@dataclass
 class TrainConfig:
     """Iteration-based training (dgss.engine); defaults are the 512 recipe of protocols.md."""
 
@@ -380,6 +422,12 @@ class TrainConfig:
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     compile_backend: str = "inductor"  # torch.compile backend; "aot_eager"/"eager" to debug a failure
+    # several processes: "ddp" replicates the model (DistributedDataParallel), "fsdp" shards parameters,
+    # gradients and optimizer state over the processes (torch's FSDP2, fully_shard per backbone block;
+    # checkpoints through torch.distributed.checkpoint, see dgss.engine.fsdp), for models whose weights
+    # and state one GPU cannot hold (`dgss plan` tells). One process: the same either way.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    ema: EMAConfig = field(default_factory=EMAConfig)  # weight EMA (off by default)
 
 
 @dataclass
@@ -597,6 +645,10 @@ def validate_config(cfg: ExperimentConfig, source: str = "") -> ExperimentConfig
                        ("data.num_workers", cfg.data.num_workers),
                        ("train.max_consecutive_skips", train.max_consecutive_skips)):
         _check_at_least(key, value, 0, where)
+    _check_at_least("train.ema.begin_iter", train.ema.begin_iter, 0, where)
+    if not 0 < train.ema.momentum <= 1:
+        raise ConfigError(f"key 'train.ema.momentum'{where} must be in (0, 1] (the weight of the new weights, "
+                          f"mmengine's convention), got {train.ema.momentum:g}")
     if train.warmup_iters >= train.iters:
         raise ConfigError(f"key 'train.warmup_iters'{where} must be below train.iters ({train.iters}), got "
                           f"{train.warmup_iters}; at most {train.iters - 1}")
@@ -733,6 +785,7 @@ NON_EXPERIMENT_KEYS = (
     "train.checkpoint_interval", "train.keep_checkpoints",  # what it keeps on disk
     "train.device", "data.num_workers", "train.find_unused_parameters",  # where and how fast it runs
     "train.grad_checkpointing", "train.compile", "train.compile_mode", "train.compile_backend",  # same losses
+    "train.parallel",  # FSDP's step equals DDP's
 )
 
 

@@ -2,7 +2,8 @@
 folders and input files checked before the expensive work starts.
 
     atomic_write(path, lambda tmp: torch.save(obj, tmp))     # configs, model files, checkpoints, lists
-    save_safetensors(tensors, path, metadata={...})          # safetensors files, the same way
+    save_safetensors(tensors, path, metadata={...})          # safetensors files, the same way, with a checksum
+    tensors, metadata = load_safetensors(path)               # checksum verified: flipped bits are refused
     check_output_dir(run_dir, "run folder")                  # before building a model: one clear line
     check_input_file(weights, "model.weights")               # exists and is readable
 
@@ -10,17 +11,27 @@ A writer first writes ``.<name>.tmp<pid>`` next to the target, flushes it to dis
 ``0o666 & ~umask`` (what ``open()`` gives a new file; some writers, safetensors among them, create
 their files 0600) and renames it over the target. A process killed while writing leaves the old file
 intact and its temporary file behind; :func:`remove_stale_temp_files` deletes those of dead writers.
+
+Every safetensors file dgss writes carries a SHA-256 of its tensors and other metadata under the
+metadata key ``dgss_sha256``; :func:`load_safetensors` recomputes it, so a truncated, bit-flipped or
+half-copied file is refused with one line naming it (files without the key, e.g. other tools', load
+unchecked). :func:`is_out_of_space` tells a full disk (or quota) from other write failures, whatever
+the writer (Python, torch or safetensors' Rust) made of it.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import os
 import re
 import threading
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-__all__ = ["UnusablePathError", "current_umask", "atomic_write", "save_safetensors", "remove_stale_temp_files",
+__all__ = ["UnusablePathError", "DamagedFileError", "current_umask", "atomic_write", "save_safetensors",
+           "load_safetensors", "safetensors_checksum", "CHECKSUM_KEY", "is_out_of_space", "remove_stale_temp_files",
            "describe_load_error", "check_output_dir", "check_input_file"]
 
 PathLike = Union[str, os.PathLike]
@@ -30,6 +41,13 @@ _UMASK_LOCK = threading.Lock()
 
 class UnusablePathError(ValueError):
     """An input file or output folder the user named cannot be used; the message names it and why."""
+
+
+class DamagedFileError(UnusablePathError):
+    """A file is truncated, bit-flipped or otherwise not what was written; the message names it."""
+
+
+CHECKSUM_KEY = "dgss_sha256"
 
 
 def current_umask() -> int:
@@ -80,11 +98,75 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+def safetensors_checksum(tensors: dict, metadata: Optional[dict[str, str]] = None) -> str:
+    """SHA-256 of the metadata entries (all but :data:`CHECKSUM_KEY`) and of every tensor's name,
+    dtype, shape and bytes, in name order: what :func:`save_safetensors` stores and
+    :func:`load_safetensors` checks."""
+    import torch
+
+    digest = hashlib.sha256()
+    entries = sorted((k, v) for k, v in (metadata or {}).items() if k != CHECKSUM_KEY)
+    digest.update(json.dumps(entries).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def save_safetensors(tensors: dict, path: PathLike, *, metadata: Optional[dict[str, str]] = None) -> Path:
-    """``safetensors.torch.save_file`` through :func:`atomic_write` (safetensors itself writes 0600)."""
+    """``safetensors.torch.save_file`` through :func:`atomic_write` (safetensors itself writes 0600),
+    with :func:`safetensors_checksum` under :data:`CHECKSUM_KEY` in the metadata."""
     from safetensors.torch import save_file
 
+    metadata = dict(metadata or {})
+    metadata[CHECKSUM_KEY] = safetensors_checksum(tensors, metadata)
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_safetensors(path: PathLike, *, device: str = "cpu") -> tuple[dict, dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; a file dgss wrote must match its checksum.
+
+    Raises:
+        FileNotFoundError: no such file.
+        DamagedFileError: one line naming the file: unreadable (truncated, a corrupt header) or its
+            contents differ from what was written (flipped bits).
+    """
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(errno.ENOENT, "file not found", str(path))
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as err:  # safetensors reports a truncated or garbled file in several ways
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DamagedFileError(f"{path} is damaged or not a safetensors file (truncated or corrupt: {reason})") \
+            from None
+    expected = metadata.get(CHECKSUM_KEY)
+    if expected is not None and safetensors_checksum(tensors, metadata) != expected:
+        raise DamagedFileError(f"{path} is damaged: its contents do not match the checksum written with them "
+                               "(flipped bits or a partial copy)")
+    return tensors, metadata
+
+
+_OUT_OF_SPACE_TEXT = ("No space left on device", "Disk quota exceeded", "os error 28)", "os error 122)")
+
+
+def is_out_of_space(err: BaseException) -> bool:
+    """Whether a failed write failed for lack of space (ENOSPC) or quota (EDQUOT), also when a library
+    turned the OS error into its own exception (safetensors' "... (os error 28)") or raised another one
+    while handling it (torch.save's writer, finishing the archive)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(err) for text in _OUT_OF_SPACE_TEXT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _pid_alive(pid: int) -> bool:

@@ -109,7 +109,8 @@ class SegmentationDataset(Dataset):
         train: training samples (no ``ori_size``; a skipped bad sample is replaced by another one)
             or evaluation samples (a skipped sample yields None, which the eval loader drops).
         on_bad_sample: "error" stops at an unreadable/truncated file or an image/label size
-            mismatch; "skip" warns once per file and skips it.
+            mismatch; "skip" warns once per file and skips it (a training dataset also appends
+            "image path<TAB>reason" to ``skip_events`` at every skip, which the engine counts).
         on_unknown_label: "error" or "ignore" (map with a warning to 255) label values outside the
             dataset's mapping.
         corruption: ``(image, index) -> image`` applied to the loaded image (corrupted evaluation).
@@ -152,6 +153,7 @@ class SegmentationDataset(Dataset):
         self.eval_class_ids: Optional[tuple[int, ...]] = None  # classes averaged in mIoU (None: all)
         self._rng_state: tuple[Any, Optional[np.random.Generator]] = (None, None)
         self._skipped: set[str] = set()
+        self.skip_events: list[str] = []  # training: one entry per skipped load, drained by the engine
 
     # -- what subclasses may override ----------------------------------------------------------
 
@@ -216,6 +218,8 @@ class SegmentationDataset(Dataset):
 
     def _warn_skip(self, index: int, err: Exception) -> None:
         rel = self.samples[index].rel
+        if self.train:
+            self.skip_events.append(f"{self.samples[index].image}\t{err}")
         if rel not in self._skipped:
             self._skipped.add(rel)
             warnings.warn(f"{self.name}: skipping {rel}: {err}", stacklevel=3)

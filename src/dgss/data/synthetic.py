@@ -35,11 +35,12 @@ from PIL import Image
 
 from .base import Sample, SegmentationDataset
 from .image_io import DataError
-from .labels import CITYSCAPES_PALETTE, TRAIN_ID_TO_LABEL_ID
+from .labels import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, TRAIN_ID_TO_LABEL_ID
 from .scene_layout import BUILDING, ROAD, SKY, STREET, WIDE_ANGLE, LayoutStats, Scene, build_scene
 
-__all__ = ["DOMAINS", "DomainStyle", "DOMAIN_STYLES", "generate", "write_gtav_layout",
-           "write_cityscapes_layout", "SyntheticDataset"]
+__all__ = ["DOMAINS", "ALL_DOMAINS", "DomainStyle", "DOMAIN_STYLES", "SEVERITY_STYLES", "generate", "write_gtav_layout",
+           "write_cityscapes_layout", "SyntheticDataset",
+           "TESTBED_CLASSES", "TESTBED_OF_TRAIN_ID", "LABEL_SETS"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,10 @@ class DomainStyle:
     night: bool = False
     fog_visibility: Optional[tuple[float, float]] = None  # in depth units (1 = the bottom row)
     rain: bool = False
+    rain_strength: tuple[float, float] = (90.0, 150.0)  # brightness added by the streaks (0..255 scale)
     colour_shift: bool = False
+    hue_angle: tuple[float, float] = (0.55 * np.pi, 1.45 * np.pi)  # radians of the colour shift's hue rotation
+    blur: float = 0.0  # Gaussian blur sigma in pixels (defocus), before the sensor noise
 
 
 DOMAIN_STYLES: dict[str, DomainStyle] = {
@@ -67,6 +71,25 @@ DOMAIN_STYLES: dict[str, DomainStyle] = {
     "geometry": DomainStyle(layout=WIDE_ANGLE),
 }
 DOMAINS: tuple[str, ...] = tuple(DOMAIN_STYLES)
+
+# The DG testbed's graded shifts (dgss.demo.testbed): each target family at two severities, and the
+# validation family ("blur") that alone may choose settings. Kept apart from DOMAINS, whose seven
+# looks the old label-pretrained foundation's recipe enumerates.
+SEVERITY_STYLES: dict[str, DomainStyle] = {
+    "night-1": DomainStyle(grain=6.0, exposure=(0.22, 0.30), night=True),
+    "night-2": DomainStyle(grain=8.0, exposure=(0.10, 0.16), night=True),
+    "fog-1": DomainStyle(grain=3.0, exposure=(0.9, 1.1), fog_visibility=(3.0, 5.0)),
+    "fog-2": DomainStyle(grain=3.0, exposure=(0.9, 1.1), fog_visibility=(0.8, 1.5)),
+    "rain-1": DomainStyle(grain=4.0, exposure=(0.7, 0.85), rain=True, rain_strength=(50.0, 80.0)),
+    "rain-2": DomainStyle(grain=6.0, exposure=(0.45, 0.6), rain=True, rain_strength=(120.0, 170.0)),
+    "colorshift-1": DomainStyle(exposure=(0.85, 1.1), colour_shift=True, hue_angle=(0.2 * np.pi, 0.45 * np.pi)),
+    "colorshift-2": DomainStyle(exposure=(0.85, 1.1), colour_shift=True),
+    "blur-1": DomainStyle(grain=4.0, blur=1.0),
+    "blur-2": DomainStyle(grain=10.0, blur=2.0),
+}
+_ALL_STYLES: dict[str, DomainStyle] = {**DOMAIN_STYLES, **SEVERITY_STYLES}
+_STYLE_INDEX = {name: i for i, name in enumerate(DOMAINS)} | {name: 100 + i for i, name in enumerate(SEVERITY_STYLES)}
+ALL_DOMAINS: tuple[str, ...] = tuple(_ALL_STYLES)
 
 # Per-class strength of the coarse (blotches, stains) and fine (grain, leaves) textures.
 _COARSE = np.array([0.10, 0.12, 0.18, 0.15, 0.12, 0.06, 0.03, 0.03, 0.30, 0.28, 0.10, 0.08, 0.08,
@@ -127,6 +150,17 @@ def _hue_rotation(angle: float) -> np.ndarray:
     return (c * np.eye(3) + (1 - c) * k + s * cross).astype(np.float32)
 
 
+def _gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """3 x H x W float32 blurred by a separable Gaussian of ``sigma`` px (edges replicated)."""
+    radius = max(1, int(np.ceil(3 * sigma)))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1, dtype=np.float32) / sigma) ** 2)
+    kernel = torch.from_numpy(taps / taps.sum())
+    x = torch.from_numpy(np.ascontiguousarray(image))[:, None]  # 3 x 1 x H x W
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
+    return x[:, 0].numpy()
+
+
 def _render(scene: Scene, style: DomainStyle, rng: np.random.Generator) -> np.ndarray:
     """Light a scene in a domain's style: H x W x 3 uint8. Works channel-first (3 x H x W), where
     per-pixel H x W factors broadcast cheaply."""
@@ -177,12 +211,14 @@ def _render(scene: Scene, style: DomainStyle, rng: np.random.Generator) -> np.nd
         grey = (image[0] + image[1] + image[2]) * np.float32(0.1)  # 0.3 x the mean
         image *= (0.7 - 0.15 * (label == ROAD)).astype(np.float32)  # wet asphalt is darker
         image += grey
-        image += fields.streaks[window] * np.float32(rng.uniform(90, 150))
+        image += fields.streaks[window] * np.float32(rng.uniform(*style.rain_strength))
     if style.colour_shift:
-        matrix = _hue_rotation(rng.uniform(np.pi * 0.55, np.pi * 1.45)) * rng.uniform(0.8, 1.2, 3)[:, None]
+        matrix = _hue_rotation(rng.uniform(*style.hue_angle)) * rng.uniform(0.8, 1.2, 3)[:, None]
         image = (matrix.astype(np.float32) @ image.reshape(3, -1)).reshape(3, h, w)
         np.clip(image, 0, 255, out=image)
         image = 255.0 * (image * np.float32(1 / 255.0)) ** np.float32(rng.uniform(0.7, 1.4))
+    if style.blur > 0:
+        image = _gaussian_blur(image, style.blur)
     if style.grain > 0:
         image += fields.grain[(slice(None),) + window] * np.float32(style.grain)
     np.clip(image, 0, 255, out=image)
@@ -195,18 +231,18 @@ def generate(domain: str, seed: int, size: Sequence[int] = (128, 256)) -> tuple[
 
     Every domain but "geometry" shares the layout of a seed (same label map).
     """
-    if domain not in DOMAIN_STYLES:
+    if domain not in _ALL_STYLES:
         import difflib
-        close = difflib.get_close_matches(str(domain), DOMAINS, n=1)
+        close = difflib.get_close_matches(str(domain), ALL_DOMAINS, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ValueError(f"unknown synthetic domain '{domain}'{hint} (valid: {', '.join(DOMAINS)})")
+        raise ValueError(f"unknown synthetic domain '{domain}'{hint} (valid: {', '.join(ALL_DOMAINS)})")
     height, width = int(size[0]), int(size[1])
     if height < 16 or width < 16:
         raise ValueError(f"synthetic images need at least 16 x 16 pixels, got {height} x {width}")
-    style = DOMAIN_STYLES[domain]
+    style = _ALL_STYLES[domain]
     layout_family = 1 if style.layout is WIDE_ANGLE else 0
     scene = build_scene(np.random.default_rng([seed, layout_family, 0]), (height, width), style.layout)
-    image = _render(scene, style, np.random.default_rng([seed, DOMAINS.index(domain), 1]))
+    image = _render(scene, style, np.random.default_rng([seed, _STYLE_INDEX[domain], 1]))
     return image, scene.label
 
 
@@ -255,22 +291,38 @@ def write_cityscapes_layout(root: str | Path, domain: str = "textured", n: int =
 
 _SPLIT_OFFSETS = {"train": 0, "all": 0, "val": 10_000_000, "test": 20_000_000}
 
+# The DG testbed's classes (dgss.demo.testbed): the 19 train ids merged to the 11 that are at least one
+# 8-pixel token thick at the median (the thickest part of a class in an image, median over images, at
+# 128 x 256; measured in docs/dg_benchmark.md). wall and fence join building (Cityscapes' "construction"),
+# rider joins person; pole, traffic light, traffic sign, motorcycle and bicycle (2-6 px) are ignored (255).
+TESTBED_CLASSES = ("road", "sidewalk", "building", "vegetation", "terrain", "sky", "person", "car", "truck",
+                   "bus", "train")
+TESTBED_OF_TRAIN_ID = np.full(256, 255, np.uint8)
+TESTBED_OF_TRAIN_ID[:19] = [0, 1, 2, 2, 2, 255, 255, 255, 3, 4, 5, 6, 6, 7, 8, 9, 10, 255, 255]
+LABEL_SETS = {"cityscapes": (CITYSCAPES_CLASSES, np.arange(256, dtype=np.uint8)),
+              "testbed": (TESTBED_CLASSES, TESTBED_OF_TRAIN_ID)}
+
 
 class SyntheticDataset(SegmentationDataset):
     """Scenes rendered on the fly (``type: synthetic``): sample i is ``generate(domain, seed + offset + i,
     size)`` with offset 0 for training and 10,000,000 / 20,000,000 for evaluation on split val / test
     (0 for an evaluation of split train), so training and evaluation never share a scene.
 
-    Options: ``domain`` (default "clean"), ``num_images`` (64), ``size`` [H, W] ([128, 256]),
-    ``seed`` (0). ``root`` is not used.
+    Options: ``domain`` (default "clean"; any of ``ALL_DOMAINS``), ``num_images`` (64), ``size`` [H, W]
+    ([128, 256]), ``seed`` (0), ``label_set`` ("cityscapes": the 19 train ids; "testbed": the DG
+    testbed's 11 merged classes, ``TESTBED_CLASSES``). ``root`` is not used.
     """
 
     layout = "synthetic"
 
     def __init__(self, root: str = "", split: str = "train", *, domain: str = "clean", num_images: int = 64,
-                 size: Sequence[int] = (128, 256), seed: int = 0, with_labels: bool = True, **common) -> None:
-        if domain not in DOMAIN_STYLES:
+                 size: Sequence[int] = (128, 256), seed: int = 0, with_labels: bool = True,
+                 label_set: str = "cityscapes", **common) -> None:
+        if domain not in _ALL_STYLES:
             generate(domain, 0)  # raises the error that names the closest domain
+        if label_set not in LABEL_SETS:
+            raise DataError(f"synthetic dataset: unknown label_set {label_set!r} (valid: {', '.join(LABEL_SETS)})")
+        classes, self._label_table = LABEL_SETS[label_set]
         if num_images < 1 or len(size) != 2:
             raise DataError(f"synthetic dataset needs num_images >= 1 and size [H, W], got {num_images}, {size}")
         offset = 0 if common.get("train") else _SPLIT_OFFSETS.get(split)
@@ -281,11 +333,11 @@ class SyntheticDataset(SegmentationDataset):
         for i in range(num_images):
             name = f"{domain}_{seed + offset + i:08d}"  # file-like identifiers; nothing is on disk
             samples.append(Sample(image=Path(name), label=Path(name) if with_labels else None, rel=name))
-        super().__init__(samples, **common)
+        super().__init__(samples, classes=classes, **common)
 
     def load(self, index: int):
         sample = self.samples[index]
         image, label = generate(self.domain, int(sample.rel.rsplit("_", 1)[1]), self.size)
         if self.corruption is not None:
             image = self.corruption(image, index)
-        return image, (label if sample.label is not None else None)
+        return image, (self._label_table[label] if sample.label is not None else None)

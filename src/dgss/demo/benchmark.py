@@ -14,6 +14,7 @@ call with the same config and foundation file reads it instead of training again
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -23,9 +24,10 @@ from typing import Callable, Optional, Sequence
 
 from ..config import config_differences, to_dict
 from ..tuning import METHODS as TUNING_METHODS
-from .run import TARGETS, DemoBudget, demo_config, pick_threads, run_method
+from .run import DemoBudget, demo_config, pick_threads, run_method
+from .world import World
 
-__all__ = ["ROWS", "SKIPPED_ROWS", "BUDGETS", "DEFAULT_BUDGET", "QUICK_BUDGET", "SMOKE_BUDGET", "CUDA_BUDGET",
+__all__ = ["ROWS", "SKIPPED_ROWS", "ITERS_SCALE", "DERIVED_ROWS", "BUDGETS", "TESTBED_BUDGETS", "DEFAULT_BUDGET", "QUICK_BUDGET", "SMOKE_BUDGET", "CUDA_BUDGET",
            "RESULT_FILE", "run_seeded", "clock"]
 
 # The benchmark's rows: name -> (method.name, dotted overrides of the demo experiment). A new row is one
@@ -42,14 +44,30 @@ _ROWS: dict[str, tuple[str, list[str]]] = {
     "vpt": ("vpt", ["method.vpt.num_tokens=10"]),
     # SoMA freezes blocks 0-7 of a 24-block ViT-L (a third); the demo's ViT has 6 blocks: 0-1 frozen
     "soma": ("soma", ["method.soma.start_block=2"]),
+    # SoMA as its public code runs (issue 25): the minor components of a random nn.Linear draw on top of
+    # the pretrained weights; no EMA (the public code's starts at 12,000 iterations, past any budget here)
+    "soma-public": ("soma", ["method.soma.start_block=2", "method.soma.init=public_code"]),
     "ft-random": ("fishertune", ["method.fishertune.selection=random"]),
     "ft-fim": ("fishertune", ["method.fishertune.selection=fisher"]),
     "ft-domain": ("fishertune", ["method.fishertune.selection=domain"]),
     "ft-plain": ("fishertune", ["method.fishertune.variational=false"]),
     # explicit 0.0: FisherTune's default may train on x' in some iterations; this row never does
     "ft-no-xprime": ("fishertune", ["method.fishertune.train_perturb_prob=0.0"]),
+    # the testbed's controls (docs/dg_benchmark.md): LP-FT (P5), Full from random initialisation (P6), the
+    # old label-pretrained foundation with two methods, and Frozen trained twice as long (P1)
+    "lp-ft": ("lp-ft", []),
+    "wise-ft": ("full", []),  # not trained: the average of Full's and the pretrained backbone (DERIVED_ROWS)
+    "scratch": ("full", ["model.weights=null"]),
+    "frozen-label": ("frozen", ["model.weights=label-foundation"]),
+    "fishertune-label": ("fishertune", ["model.weights=label-foundation"]),
+    "frozen-2x": ("frozen", []),  # ITERS_SCALE: twice the budget's iterations
 }
 ROWS = {name: row for name, row in _ROWS.items() if row[0] in TUNING_METHODS}
+# rows trained for a multiple of the budget's iterations (P1: is Frozen's head converged?)
+ITERS_SCALE = {"frozen-2x": 2}
+# rows made from another row's final model without training: WiSE-FT (Wortsman et al., CVPR'22) averages
+# the fine-tuned and the pretrained backbone, alpha = 0.5 (the weight of the pretrained one)
+DERIVED_ROWS = {"wise-ft": ("full", 0.5)}
 SKIPPED_ROWS = {name: f"method.name '{row[0]}' is not in this dgss" for name, row in _ROWS.items()
                 if name not in ROWS}
 
@@ -65,6 +83,14 @@ SMOKE_BUDGET = DemoBudget(iters=4, train_images=4, eval_images=2, fisher_batches
 # a GPU: 5 x the demo's iterations and source scenes, 4 x its evaluation images, 4 x FisherTune's batches
 CUDA_BUDGET = DemoBudget(iters=2000, train_images=2000, eval_images=96, fisher_batches=32, overlay_images=0)
 BUDGETS = {"default": DEFAULT_BUDGET, "quick": QUICK_BUDGET, "smoke": SMOKE_BUDGET, "cuda": CUDA_BUDGET}
+# The testbed's budgets (the same for every row). default: sized so that P1 and P4 hold and the required
+# rows fit 240 minutes on 2 cores (docs/dg_benchmark.md has the measurement behind each number).
+TESTBED_BUDGETS = {
+    "default": DemoBudget(iters=960, train_images=960, eval_images=16, fisher_batches=16, overlay_images=0),
+    "quick": DemoBudget(iters=40, train_images=40, eval_images=4, fisher_batches=2, overlay_images=0),
+    "smoke": SMOKE_BUDGET,
+    "cuda": DemoBudget(iters=4000, train_images=4000, eval_images=64, fisher_batches=32, overlay_images=0),
+}
 
 RESULT_FILE = "benchmark.json"  # in each run folder: the run's numbers and the config that made them
 # keys that do not change a run's numbers: where it is written, what it shows
@@ -115,7 +141,7 @@ def _line(record: dict) -> str:
 
 def _run_job(kwargs: dict) -> dict:
     """One (row, seed) in a worker process (see ``jobs`` of :func:`run_seeded`)."""
-    (record,) = run_seeded(**kwargs, log=lambda line: None)
+    (record,) = _run_sequential(**kwargs, log=lambda line: None).values()
     return record
 
 
@@ -128,7 +154,7 @@ def _run_parallel(jobs: int, pairs: list[tuple[str, int]], kwargs: dict,
     start = time.time()
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        futures = {pool.submit(_run_job, {**kwargs, "methods": [row], "seeds": [seed]}): (row, seed)
+        futures = {pool.submit(_run_job, {**kwargs, "rows": [row], "seeds": [seed]}): (row, seed)
                    for row, seed in pairs}
         records, run_seconds = {}, 0.0
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
@@ -145,58 +171,106 @@ def _run_parallel(jobs: int, pairs: list[tuple[str, int]], kwargs: dict,
 
 def run_seeded(methods: Sequence[str], seeds: Sequence[int], budget: DemoBudget, out_dir: str | Path,
                device: str = "cpu", threads: Optional[int] = None, curve_points: int = 4, *,
-               weights: Optional[str] = None, targets: Sequence[str] = TARGETS, resume: bool = True,
+               weights: Optional[str] = None, targets: Optional[Sequence[str]] = None, resume: bool = True,
                progress: bool = False, quiet: bool = False, keep_fisher_scores: bool = False,
                run_name: Callable[[str, int], str] = _seeded_name,
                on_run: Optional[Callable[[dict, object, object], None]] = None,
-               log: Callable[[str], None] = _print, jobs: int = 1) -> list[dict]:
+               log: Callable[[str], None] = _print, jobs: int = 1, world: Optional[World] = None) -> list[dict]:
     """Train and evaluate every (row of ``methods``, seed) (see the module docstring); returns one
     record per run, in order: {"row", "method", "overrides", "seed", "run_dir", "trainable", "seconds",
     "skipped", "curve": [{"iteration", "miou": {dataset: mIoU %}}], "target_mean", "config", ...}.
 
-    ``resume``: reuse finished runs of the same experiment (else every run starts afresh); ``quiet``:
-    the engine's own lines go to ``RUN/stdout.log`` instead of the screen;
-    ``run_name(row, seed)``: the run folder under ``OUT/runs``; ``on_run(record, model, trainer)``: called
-    after each run trained here (the reloaded final model and the Trainer), e.g. for the demo's figures;
-    with ``jobs`` > 1 it runs in the worker process, so it must be picklable (a module-level function
-    or a ``functools.partial`` of one). ``jobs``: runs trained at the same time, each in its own
-    process with ``threads`` threads (on a CPU, one process per core is faster than threads: the
-    tensors are small). Every run is the same computation whichever process trains it.
+    ``world``: the synthetic world (:mod:`dgss.demo.world`; default the demo's), which also gives the
+    default foundation file and targets; ``resume``: reuse finished runs of the same experiment (else
+    every run starts afresh); ``quiet``: the engine's own lines go to ``RUN/stdout.log`` instead of the
+    screen; ``run_name(row, seed)``: the run folder under ``OUT/runs``; ``on_run(record, model,
+    trainer)``: called after each run trained here (the reloaded final model and the Trainer), e.g. for
+    the demo's figures; with ``jobs`` > 1 it runs in the worker process, so it must be picklable (a
+    module-level function or a ``functools.partial`` of one). ``jobs``: runs trained at the same time,
+    each in its own process with ``threads`` threads (on a CPU, one process per core is faster than
+    threads: the tensors are small). Every run is the same computation whichever process trains it.
+    Rows of ``DERIVED_ROWS`` (WiSE-FT) are made from their base row's run of the same seed, which runs
+    first if it is not among ``methods``.
     """
-    from ..fileio import atomic_write
-    from .foundation import foundation_weights
+    from .world import DEMO_WORLD
 
-
+    world = world or DEMO_WORLD
+    targets = tuple(targets) if targets is not None else world.targets
     unknown = [m for m in methods if m not in ROWS]
     if unknown:
         raise ValueError(f"unknown benchmark row(s) {', '.join(unknown)} (available: {', '.join(ROWS)})")
     if not seeds:
         raise ValueError("run_seeded needs at least one seed")
-    if jobs > 1 and len(methods) * len(seeds) > 1:
+    derived = [m for m in methods if m in DERIVED_ROWS]
+    trained_rows = [m for m in methods if m not in DERIVED_ROWS]
+    for m in derived:  # a derived row needs its base row's runs
+        if DERIVED_ROWS[m][0] not in trained_rows:
+            trained_rows.append(DERIVED_ROWS[m][0])
+    weights = str(weights or _default_weights(world, progress))
+    common = dict(budget=budget, out_dir=str(out_dir), device=device, curve_points=curve_points, weights=weights,
+                  targets=list(targets), resume=resume, keep_fisher_scores=keep_fisher_scores, run_name=run_name,
+                  world=world)
+    if jobs > 1 and len(trained_rows) * len(seeds) > 1:
         if device != "cpu":
             raise ValueError("jobs > 1 runs several processes on the CPU; on a GPU use jobs=1")
-        kwargs = dict(budget=budget, out_dir=str(out_dir), device=device, threads=threads or 1,
-                      curve_points=curve_points, weights=weights, targets=list(targets), resume=resume,
-                      progress=False, quiet=True, keep_fisher_scores=keep_fisher_scores, run_name=run_name,
-                      on_run=on_run)
-        pairs = [(row, seed) for row in methods for seed in seeds]
-        records = _run_parallel(jobs, pairs, kwargs, log)
-        return [records[pair] for pair in pairs]
+        pairs = [(row, seed) for row in trained_rows for seed in seeds]
+        records = _run_parallel(jobs, pairs, dict(common, threads=threads or 1, progress=False, quiet=True,
+                                                  on_run=on_run), log)
+    else:
+        records = _run_sequential(trained_rows, seeds, threads=threads, progress=progress, quiet=quiet, on_run=on_run,
+                                  log=log, **common)
+    for row in derived:
+        for seed in seeds:
+            records[row, seed] = _derived_run(row, seed, records[DERIVED_ROWS[row][0], seed], log=log, **common)
+    return [records[row, seed] for row in methods for seed in seeds]
+
+
+def _default_weights(world, progress: bool) -> str:
+    from .foundation import foundation_weights
+    from .world import resolve_weights
+
+    if world.foundation_file == "label-foundation":
+        return str(foundation_weights(progress=progress))  # pretrained and cached when not shipped
+    from .foundation_ssl import ssl_foundation_weights
+
+    return str(ssl_foundation_weights() if world.foundation_file == "ssl-foundation"
+               else resolve_weights(world.foundation_file))
+
+
+def _row_config(row: str, seed: int, *, budget: DemoBudget, out_dir: str, device: str, curve_points: int,
+                weights: str, targets, run_name, world):
+    method, overrides = ROWS[row]
+    scale = ITERS_SCALE.get(row, 1)
+    if scale != 1:
+        budget = dataclasses.replace(budget, iters=budget.iters * scale)
+    return demo_config(method, budget=budget, out_dir=Path(out_dir), weights=weights, targets=targets, seed=seed,
+                       overrides=overrides, name=run_name(row, seed), device=device, curve_points=curve_points,
+                       world=world)
+
+
+def _save_record(cfg, record: dict) -> None:
+    from ..fileio import atomic_write
+
+    text = json.dumps(record, indent=1) + "\n"
+    atomic_write(cfg.run_dir / RESULT_FILE, lambda tmp: Path(tmp).write_text(text))
+
+
+def _run_sequential(rows: Sequence[str], seeds: Sequence[int], *, budget: DemoBudget, out_dir: str, device: str,
+                    threads: Optional[int], curve_points: int, weights: str, targets, resume: bool, progress: bool,
+                    quiet: bool, keep_fisher_scores: bool, run_name, on_run, log, world) -> dict:
     pick_threads(threads)
-    weights = str(weights or foundation_weights(progress=progress))
     weights_sha256 = _sha256(weights)
-    out = Path(out_dir)
-    jobs = [(row, seed) for row in methods for seed in seeds]
-    records, start, trained_seconds, trained = [], time.time(), 0.0, 0
+    jobs = [(row, seed) for row in rows for seed in seeds]
+    records, start, trained_seconds, trained = {}, time.time(), 0.0, 0
     for i, (row, seed) in enumerate(jobs):
         method, overrides = ROWS[row]
-        cfg = demo_config(method, budget=budget, out_dir=out, weights=weights, targets=targets, seed=seed,
-                          overrides=overrides, name=run_name(row, seed), device=device, curve_points=curve_points)
+        cfg = _row_config(row, seed, budget=budget, out_dir=out_dir, device=device, curve_points=curve_points,
+                          weights=weights, targets=targets, run_name=run_name, world=world)
         config = to_dict(cfg)
         label = f"[{i + 1}/{len(jobs)}] {row}" + (f" seed {seed}" if len(seeds) > 1 else "")
         saved = _finished_record(cfg.run_dir / RESULT_FILE, config, weights_sha256) if resume else None
         if saved is not None:
-            records.append({**saved, "skipped": True})
+            records[row, seed] = {**saved, "skipped": True}
             log(f"{label}: finished earlier ({cfg.run_dir / RESULT_FILE}), not run again: {_line(saved)}")
             continue
         if cfg.run_dir.exists():
@@ -207,17 +281,14 @@ def run_seeded(methods: Sequence[str], seeds: Sequence[int], budget: DemoBudget,
             with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
                 result, model, trainer = run_method(cfg, progress=progress, keep_fisher_scores=keep_fisher_scores)
         curve = [{"iteration": it, "miou": miou} for it, miou in sorted(result.curve.items())]
-        last = curve[-1]["miou"]
-        values = [last[t] for t in targets if last[t] == last[t]]  # NaN-free mean, as the demo's table
         record = {"row": row, "method": method, "overrides": list(overrides), "seed": seed,
                   "run_dir": str(cfg.run_dir), "trainable": result.trainable, "seconds": round(result.seconds, 2),
-                  "curve": curve, "target_mean": sum(values) / len(values) if values else float("nan"),
+                  "curve": curve, "target_mean": _target_mean(curve[-1]["miou"], targets),
                   "weights": weights, "weights_sha256": weights_sha256, "config": config}
-        text = json.dumps(record, indent=1) + "\n"
-        atomic_write(cfg.run_dir / RESULT_FILE, lambda tmp: Path(tmp).write_text(text))
-        records.append({**record, "skipped": False})
+        _save_record(cfg, record)
+        records[row, seed] = {**record, "skipped": False}
         if on_run is not None:
-            on_run(records[-1], model, trainer)
+            on_run(records[row, seed], model, trainer)
         del model, trainer
         trained_seconds += result.seconds
         trained += 1
@@ -225,3 +296,54 @@ def run_seeded(methods: Sequence[str], seeds: Sequence[int], budget: DemoBudget,
         log(f"{label}: {_line(record)} ({clock(result.seconds)}; {clock(time.time() - start)} so far, "
             f"about {clock(left)} to go)")
     return records
+
+
+def _target_mean(miou: dict, targets) -> float:
+    values = [miou[t] for t in targets if miou[t] == miou[t]]  # NaN-free mean, as the demo's table
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _derived_run(row: str, seed: int, base: dict, *, budget: DemoBudget, out_dir: str, device: str,
+                 curve_points: int, weights: str, targets, resume: bool, keep_fisher_scores: bool, run_name, world,
+                 log) -> dict:
+    """WiSE-FT of seed ``seed``: ``alpha`` x the pretrained backbone + (1 - ``alpha``) x the base row's
+    fine-tuned one, with the base row's head; written as a model file and evaluated like a trained run
+    (one curve point: the final iteration)."""
+    import torch
+
+    from ..engine.checkpoint import load_model_weights, save_model
+    from ..engine.trainer import FINAL_MODEL_NAME
+    from ..models.segmentor import build_segmentor
+    from .run import evaluate_model_file
+
+    base_row, alpha = DERIVED_ROWS[row]
+    cfg = _row_config(row, seed, budget=budget, out_dir=out_dir, device=device, curve_points=1, weights=weights,
+                      targets=targets, run_name=run_name, world=world)
+    config = {**to_dict(cfg), "derived": {"from": base_row, "alpha": alpha, "base_sha256": _sha256(
+        str(Path(base["run_dir"]) / FINAL_MODEL_NAME))}}
+    weights_sha256 = _sha256(weights)
+    saved = _finished_record(cfg.run_dir / RESULT_FILE, config, weights_sha256) if resume else None
+    if saved is not None:
+        return {**saved, "skipped": True}
+    start = time.time()
+    if cfg.run_dir.exists():
+        shutil.rmtree(cfg.run_dir)
+    cfg.run_dir.mkdir(parents=True)
+    model = build_segmentor(cfg)  # the pretrained backbone, as the base row started from
+    pretrained = {k: v.detach().clone() for k, v in model.backbone.model.state_dict().items()}
+    load_model_weights(model, Path(base["run_dir"]) / FINAL_MODEL_NAME)
+    with torch.no_grad():
+        for key, value in model.backbone.model.state_dict().items():
+            if value.is_floating_point():
+                value.copy_(alpha * pretrained[key] + (1.0 - alpha) * value)
+    path = cfg.run_dir / FINAL_MODEL_NAME
+    save_model(model, cfg, path)
+    results, _ = evaluate_model_file(cfg, path)
+    curve = [{"iteration": base["curve"][-1]["iteration"], "miou": {r.name: r.miou for r in results}}]
+    record = {"row": row, "method": ROWS[row][0], "overrides": [], "seed": seed, "run_dir": str(cfg.run_dir),
+              "trainable": base["trainable"], "seconds": round(time.time() - start, 2), "curve": curve,
+              "target_mean": _target_mean(curve[0]["miou"], targets), "weights": weights,
+              "weights_sha256": weights_sha256, "config": config}
+    _save_record(cfg, record)
+    log(f"{row} seed {seed}: {_line(record)} (from {base_row}, alpha {alpha})")
+    return {**record, "skipped": False}

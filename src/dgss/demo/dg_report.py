@@ -31,9 +31,10 @@ def format_tables(summary: dict) -> str:
     """The Markdown of results.md's three tables (mean ± sd; paired differences; claims)."""
     source, targets = summary["source"], summary["targets"]
     pct = round(100 * summary["confidence"])
+    lines = _precondition_lines(summary.get("preconditions") or {})
     head = ["method", "seeds", "trainable backbone params", f"{source} (source)", *targets, "mean (targets)"]
-    lines = ["### mIoU (%) at the final iteration, mean ± sample std over seeds", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["### mIoU (%) at the final iteration, mean ± sample std over seeds", "",
+              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row, entry in summary["table"].items():
         cells = [row, str(entry["n"]), f"{entry['trainable']:,}",
                  *(_pm(entry[q]) for q in (source, *targets, "target"))]
@@ -54,7 +55,27 @@ def format_tables(summary: dict) -> str:
                          f"{'> 0' if c['direction'] > 0 else '< 0'} | {_interval(c)} | **{c['verdict']}** |")
         lines += ["", "holds: the interval excludes 0 on the claimed side; contradicted: it excludes 0 on the "
                   "other side; undecided: it contains 0 (or there is one seed)."]
+    bias = summary.get("selection_bias") or {}
+    if bias:
+        lines += ["", "### Selection bias: best target mean over the evaluated iterations − the last one's", "",
+                  "What picking the checkpoint on the targets (as Rein's, SoMA's and GeCo's public configs do) "
+                  "would add. Verdicts above use the last iteration.", "",
+                  "| method | best − last (mean ± sd over seeds) | best at iteration(s) |", "|---|---|---|"]
+        for row, b in bias.items():
+            lines.append(f"| {row} | {_pm(b)} | {', '.join(str(i) for i in b['best_iteration'])} |")
     return "\n".join(lines)
+
+
+def _precondition_lines(checks: dict) -> list[str]:
+    """The preconditions table, printed first: a verdict is interpretable only when P1-P4 pass."""
+    if not checks:
+        return []
+    lines = ["### Preconditions (P1-P4 must pass for any verdict; P5 and P6 are findings)", "",
+             "| | precondition | value | threshold | result |", "|---|---|---|---|---|"]
+    for key, c in checks.items():
+        result = "not measured" if c["pass"] is None else ("pass" if c["pass"] else "**fail**")
+        lines.append(f"| {key} | {c['description'].split(':')[0]} | {_num(c['value'], 2)} | {c['threshold']} | {result} |")
+    return lines + [""]
 
 
 def plot_curves(summary: dict, path: Path) -> Path:

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..config import ExperimentConfig, apply_overrides, from_dict, parse_overrides
-from .foundation import FOUNDATION
+from .world import World
 
 __all__ = ["SOURCE", "TARGETS", "METHODS", "DemoBudget", "FULL_BUDGET", "QUICK_BUDGET", "DEMO_SEEDS", "demo_config",
            "curve_iterations", "MethodResult", "run_method", "evaluate_model_file"]
@@ -57,9 +57,11 @@ DEMO_SEEDS = (0, 1, 2)
 QUICK_BUDGET = DemoBudget(iters=40, train_images=64, eval_images=6, fisher_batches=4, overlay_images=1)
 
 
-def _synthetic(domain: str, split: str, n: int) -> dict:
-    return {"type": "synthetic", "split": split, "name": domain,
-            "options": {"domain": domain, "num_images": n, "size": IMAGE_SIZE}}
+def _synthetic(domain: str, split: str, n: int, label_set: str = "cityscapes") -> dict:
+    options = {"domain": domain, "num_images": n, "size": IMAGE_SIZE}
+    if label_set != "cityscapes":
+        options["label_set"] = label_set
+    return {"type": "synthetic", "split": split, "name": domain, "options": options}
 
 
 def curve_iterations(iters: int, points: int) -> list[int]:
@@ -72,37 +74,52 @@ def curve_iterations(iters: int, points: int) -> list[int]:
 
 
 def demo_config(method: str, *, budget: DemoBudget, out_dir: str | Path, weights: Optional[str],
-                targets: Sequence[str] = TARGETS, seed: int = 0, overrides: Sequence[str] = (),
-                name: Optional[str] = None, device: str = "cpu", curve_points: int = 1) -> ExperimentConfig:
+                targets: Optional[Sequence[str]] = None, seed: int = 0, overrides: Sequence[str] = (),
+                name: Optional[str] = None, device: str = "cpu", curve_points: int = 1,
+                world: Optional[World] = None) -> ExperimentConfig:
     """The demo experiment of ``method``: the foundation ViT (6 blocks, width 96, patch 16) with a small
     Mask2Former (64 channels, 20 queries, 3 decoder layers), 128 x 128 crops of the source domain,
     batch 4, AdamW lr 1e-3 (full fine-tuning: backbone x 0.1, as the papers), whole-image evaluation.
 
     ``overrides``: dotted ``key=value`` items applied last (the benchmark's ablation rows); ``name``: the
     run folder under ``OUT/runs`` (default: ``method``); ``curve_points`` > 1: checkpoints (all kept)
-    at :func:`curve_iterations`."""
+    at :func:`curve_iterations`; ``world``: the synthetic world (:mod:`dgss.demo.world`; default the
+    demo's): source, targets (unless ``targets`` is given), validation family, label set, foundation
+    architecture and head. A ``model.weights`` override may name a foundation alias
+    ("label-foundation", "ssl-foundation") or null (random initialisation); the backbone takes the
+    architecture written in the weights file's metadata."""
+    from .world import DEMO_WORLD, foundation_architecture, resolve_weights
+
+    world = world or DEMO_WORLD
+    targets = tuple(targets) if targets is not None else world.targets
+    override_items = parse_overrides(list(overrides)) if overrides else []
+    for key, value in override_items:  # a row's own foundation (or none): its architecture follows the file
+        if key == "model.weights":
+            weights = value
+    override_items = [(k, v) for k, v in override_items if k != "model.weights"]
+    weights = resolve_weights(weights)
+    arch = foundation_architecture(weights, world.foundation)
     crop = IMAGE_SIZE[0]
     interval = curve_iterations(budget.iters, curve_points)[0] if curve_points > 1 else 0
     raw = {
         "name": name or method,
         "output_dir": str(Path(out_dir) / "runs"),
         "model": {
-            "backbone": FOUNDATION["backbone"], "weights": weights, "img_size": FOUNDATION["img_size"],
-            "patch_size": FOUNDATION["patch_size"], "backbone_kwargs": dict(FOUNDATION["backbone_kwargs"]),
-            "head": {"type": "mask2former", "hidden_dim": 64, "num_queries": 20, "num_heads": 4,
-                     "pixel_decoder_layers": 1, "pixel_decoder_ffn_dim": 128, "decoder_layers": 3,
-                     "decoder_ffn_dim": 128, "num_points_loss": 1024},
+            "backbone": arch["backbone"], "weights": weights, "img_size": arch["img_size"],
+            "patch_size": arch["patch_size"], "backbone_kwargs": dict(arch["backbone_kwargs"]),
+            "head": {**world.head, "num_classes": world.num_classes},
         },
         "method": {
             "name": method,
-            "rein": {"num_tokens": 20, "lora_rank": 4, "query_dim": 64},
+            "rein": {"num_tokens": world.head["num_queries"], "lora_rank": 4, "query_dim": 64},
             "fishertune": {"warmup_iters": budget.fisher_warmup, "num_batches": budget.fisher_batches,
                            "delta_min": 0.01, "delta_max": 0.05},
         },
         "data": {
-            "train": [_synthetic(SOURCE, "train", budget.train_images)],
-            "val": [_synthetic(SOURCE, "val", budget.eval_images)],
-            "test": [_synthetic(d, "val", budget.eval_images) for d in targets],
+            "train": [_synthetic(world.source, "train", budget.train_images, world.label_set)],
+            # the source val split, then the validation shift family (model and setting selection only)
+            "val": [_synthetic(d, "val", budget.eval_images, world.label_set) for d in (world.source, *world.validation)],
+            "test": [_synthetic(d, "val", budget.eval_images, world.label_set) for d in targets],
             "crop_size": [crop, crop],
             "scales": [crop, crop + crop // 4, crop + crop // 2, 2 * crop],  # random short side, 1x-2x
             "num_workers": 0,
@@ -112,8 +129,8 @@ def demo_config(method: str, *, budget: DemoBudget, out_dir: str | Path, weights
                   "log_interval": max(budget.iters // 4, 1)},
         "eval": {"mode": "whole"},
     }
-    if overrides:
-        raw = apply_overrides(raw, parse_overrides(list(overrides)))
+    if override_items:
+        raw = apply_overrides(raw, override_items)
     return from_dict(ExperimentConfig, raw, source="the demo's experiment" + (" with overrides" if overrides else ""))
 
 

@@ -7,7 +7,8 @@
 Submodules: ``trainer`` (the loop), ``checkpoint`` (atomic files, model weights, resume state),
 ``data_stream`` (resumable batches), ``optim`` (AdamW, state by name), ``schedule`` (poly + warm-up),
 ``distributed`` (torchrun processes), ``evaluate`` (mIoU reports), ``speed`` (activation checkpointing,
-torch.compile), ``logging``, ``metrics``.
+torch.compile), ``ema`` (the weight EMA of ``train.ema``), ``preemption`` (SIGTERM/SIGUSR1: checkpoint and
+exit 75), ``logging``, ``metrics``.
 Imports are lazy so that ``dgss.engine.metrics`` stays light.
 """
 
@@ -16,12 +17,14 @@ from __future__ import annotations
 import importlib
 
 __all__ = ["Trainer", "NonFiniteLossError", "evaluate_datasets", "evaluate_dataset", "load_model_weights",
-           "CheckpointError", "ConfusionMatrix", "PolySchedule", "init_distributed"]
+           "CheckpointError", "ConfusionMatrix", "PolySchedule", "init_distributed", "TrainingPreempted",
+           "PREEMPTED_EXIT_CODE"]
 
 _WHERE = {
     "Trainer": "trainer", "NonFiniteLossError": "trainer", "evaluate_datasets": "evaluate",
     "evaluate_dataset": "evaluate", "load_model_weights": "checkpoint", "CheckpointError": "checkpoint",
     "ConfusionMatrix": "metrics", "PolySchedule": "schedule", "init_distributed": "distributed",
+    "TrainingPreempted": "preemption", "PREEMPTED_EXIT_CODE": "preemption",
 }
 
 

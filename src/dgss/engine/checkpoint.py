@@ -10,35 +10,47 @@ A checkpoint of iteration N in ``RUN/checkpoints`` is two files and a pointer:
   weights file (random init, e.g. in tests), is stored in full.
 * ``iter_0000N.state.pt``: optimizer (by parameter name), GradScaler, RNG states (python, numpy,
   torch, cuda), the data position and the iteration; plain tensors and containers, read with
-  ``torch.load(weights_only=True)``.
+  ``torch.load(weights_only=True)``. Written first: its SHA-256 goes into the model file's metadata
+  (``state_sha256``), since torch does not check a ``.pt`` file's contents when it reads one.
 * ``last``: a small JSON file naming the newest complete checkpoint, replaced last.
 
 Every file is written to a temporary name and renamed (``os.replace`` is atomic on POSIX), so a
 process killed while saving leaves the previous checkpoint and pointer intact
 (:func:`dgss.fileio.atomic_write`); the temporary files such a process leaves behind are deleted at the
-next save.
+next save. A save that runs out of disk space removes what it wrote and raises :class:`DiskFullError`
+naming the folder and the bytes it needed; the previous checkpoint and ``last`` stay as they were.
+
+Resuming reads the newest checkpoint whose files are intact (:func:`find_resumable`): the model file's
+checksum (:func:`dgss.fileio.load_safetensors`), the state file's SHA-256 and the pair's iteration are
+checked, and a damaged checkpoint is passed over for the one before it, each named; when none is
+intact the resume is refused, never started from scratch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import random
 import re
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from ..fileio import atomic_write, describe_load_error, remove_stale_temp_files
-from ..tuning.rein_checkpoint import load_segmentor_state, read_model_file_metadata, save_model_file
+from ..fileio import DamagedFileError, atomic_write, describe_load_error, is_out_of_space, remove_stale_temp_files
+from ..tuning.rein_checkpoint import ReinCheckpointError, load_segmentor_state, read_model_file, save_model_file
 
 __all__ = [
     "CheckpointError",
+    "DamagedCheckpointError",
+    "DiskFullError",
+    "LoadedCheckpoint",
     "atomic_write",
     "backbone_fingerprint",
     "DIVERGED_WEIGHT",
@@ -49,7 +61,11 @@ __all__ = [
     "checkpoint_paths",
     "save_training_checkpoint",
     "latest_checkpoint",
+    "checkpoint_candidates",
+    "read_checkpoint",
+    "find_resumable",
     "resolve_checkpoint",
+    "out_of_space_as_error",
     "load_training_state",
     "capture_rng_state",
     "restore_rng_state",
@@ -61,6 +77,72 @@ POINTER_NAME = "last"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not fit the model; the message names the file."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint or model file is truncated, bit-flipped or incomplete; the message names the file."""
+
+
+class DiskFullError(CheckpointError):
+    """A checkpoint or model file did not fit on its disk (or quota); the message names the folder and
+    the bytes the save needed. What the save had written is removed; earlier files are untouched."""
+
+
+class _ByteCounter:
+    """A file object for torch.save that only counts what it is given."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def write(self, data) -> int:
+        n = memoryview(data).nbytes
+        self.count += n
+        return n
+
+    def flush(self) -> None:
+        pass
+
+
+def _state_file_bytes(state: dict) -> int:
+    """The exact size of ``torch.save(state)`` (serialised once more, into nothing: only after a failure)."""
+    counter = _ByteCounter()
+    torch.save(state, counter)
+    return counter.count
+
+
+def _stored(segmentor, full: bool) -> dict:
+    """The tensors a model file of ``segmentor`` holds (without the pretrained backbone unless ``full``)."""
+    return {k: v for k, v in segmentor.state_dict().items() if full or not k.startswith("backbone.model.")}
+
+
+def _model_file_bytes(tensors: dict) -> int:
+    """About the size of a model file of ``tensors``: their bytes, a header entry per tensor, and the
+    metadata (the config, a few KiB)."""
+    data = sum(t.numel() * t.element_size() for t in tensors.values())
+    return data + sum(len(name) + 80 for name in tensors) + 8192
+
+
+def _size(n: int) -> str:
+    return f"{n:,} bytes ({n / 2**20:.1f} MiB)"
+
+
+@contextlib.contextmanager
+def out_of_space_as_error(directory: Path, what: str, needed: Callable[[], int],
+                          state_of_things: str) -> Iterator[None]:
+    """Turn a write that failed for lack of space or quota into one :class:`DiskFullError` line naming
+    ``directory``, what was being saved and the bytes it needed (``needed()``, asked only then; the
+    outermost such context words it)."""
+    try:
+        yield
+    except Exception as err:
+        if not (isinstance(err, DiskFullError) or is_out_of_space(err)):
+            raise
+        try:
+            free = f", {_size(shutil.disk_usage(directory).free)} free"
+        except OSError:
+            free = ""
+        raise DiskFullError(f"no space left in {directory} for {what}: it needs about {_size(needed())}{free}; "
+                            f"{state_of_things}") from err
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,22 +198,35 @@ def save_model(segmentor, cfg, path: PathLike, *, metadata: Optional[dict] = Non
     extra = dict(metadata or {})
     if not full:
         extra["backbone_fingerprint"] = fingerprint or backbone_fingerprint(segmentor.backbone)
-    return save_model_file(segmentor, cfg, path, include_backbone=full, metadata=extra)
+    path = Path(path)
+    with out_of_space_as_error(path.parent, path.name, lambda: _model_file_bytes(_stored(segmentor, full)),
+                               "no file was replaced: free space and save again (a run: continue with --resume)"):
+        return save_model_file(segmentor, cfg, path, include_backbone=full, metadata=extra)
 
 
-def load_model_weights(segmentor, path: PathLike, *, check_backbone: bool = True) -> dict:
-    """Load a dgss model file (final model or training checkpoint) into an existing ``segmentor``.
-
-    The file's backbone must be the segmentor's (name, and for files without the backbone the
-    fingerprint of the pretrained weights it was trained on). Returns the file's metadata.
-    """
+def read_model(path: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a dgss model file, its checksum verified (one line naming a damaged file)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     try:
-        meta = read_model_file_metadata(path)
-    except Exception as err:
-        raise CheckpointError(f"{path} is not a dgss model file: {err}") from err
+        return read_model_file(path)
+    except (DamagedFileError, ReinCheckpointError) as err:  # damaged, or no dgss metadata: both name the file
+        raise DamagedCheckpointError(str(err)) from None
+    except ValueError as err:  # dgss metadata that is not JSON
+        raise DamagedCheckpointError(f"{path} is not a dgss model file: {err}") from None
+
+
+def load_model_weights(segmentor, path: PathLike, *, check_backbone: bool = True,
+                       contents: Optional[tuple[dict, dict]] = None) -> dict:
+    """Load a dgss model file (final model or training checkpoint) into an existing ``segmentor``.
+
+    The file's backbone must be the segmentor's (name, and for files without the backbone the
+    fingerprint of the pretrained weights it was trained on). ``contents``: the file's (tensors,
+    metadata) when already read (:func:`read_model`). Returns the file's metadata.
+    """
+    path = Path(path)
+    tensors, meta = contents if contents is not None else read_model(path)
     name = segmentor.backbone.name
     if meta.get("backbone") != name:
         raise CheckpointError(f"{path} was trained with backbone '{meta.get('backbone')}', but the config builds "
@@ -143,7 +238,7 @@ def load_model_weights(segmentor, path: PathLike, *, check_backbone: bool = True
             raise CheckpointError(
                 f"{path} was trained on the '{name}' weights {meta.get('backbone_weights')!r}, which differ from the "
                 f"backbone weights loaded now (model.weights); point model.weights at the file it was trained on")
-    load_segmentor_state(segmentor, load_file(str(path), device="cpu"), path, with_backbone=full,
+    load_segmentor_state(segmentor, tensors, path, with_backbone=full,
                          error=CheckpointError, what="the model the config builds (model.*, method.*)")
     return meta
 
@@ -159,17 +254,81 @@ def checkpoint_paths(directory: PathLike, iteration: int) -> tuple[Path, Path]:
     return stem.with_suffix(".safetensors"), stem.with_suffix(".state.pt")
 
 
+class _HashingWriter:
+    """A file object for torch.save that hashes every byte it passes on."""
+
+    def __init__(self, file) -> None:
+        self.file, self.name, self.digest = file, file.name, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _save_state(path: Path, state: dict) -> str:
+    """torch.save ``state`` through atomic_write; returns the SHA-256 of the bytes written."""
+    digests = []
+
+    def write(tmp: str) -> None:
+        # a file object rather than a path: a full disk then surfaces as OSError(ENOSPC), which torch's
+        # own file writer reports as a bare RuntimeError
+        with open(tmp, "wb") as f:
+            writer = _HashingWriter(f)
+            torch.save(state, writer)
+            digests.append(writer.digest.hexdigest())
+
+    atomic_write(path, write)
+    return digests[-1]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def save_training_checkpoint(directory: PathLike, iteration: int, segmentor, cfg, state: dict, *,
                              fingerprint: Optional[str] = None, keep: int = 0) -> Path:
     """Write the checkpoint after ``iteration`` completed iterations, then point ``last`` at it and
-    delete the earlier ones but the ``keep - 1`` newest of them (0: keep all). Returns the model file's path."""
+    delete the earlier ones but the ``keep - 1`` newest of them (0: keep all). Returns the model file's path.
+
+    Raises:
+        DiskFullError: the disk (or quota) was full; this save's files are removed, the previous
+            checkpoint and ``last`` are untouched.
+    """
     directory = Path(directory)
     remove_stale_temp_files(directory)  # what a save killed earlier left behind (dead writers only)
     model_path, state_path = checkpoint_paths(directory, iteration)
-    save_model(segmentor, cfg, model_path, metadata={"iteration": iteration}, fingerprint=fingerprint)
-    atomic_write(state_path, lambda tmp: torch.save({**state, "iteration": iteration}, tmp))
-    pointer = json.dumps({"iteration": iteration, "model": model_path.name, "state": state_path.name})
-    atomic_write(directory / POINTER_NAME, lambda tmp: Path(tmp).write_text(pointer + "\n"))
+    state = {**state, "iteration": iteration}
+    full = stores_backbone(segmentor, cfg)
+    needed = lambda: _state_file_bytes(state) + _model_file_bytes(_stored(segmentor, full))  # noqa: E731
+    try:
+        previous = latest_checkpoint(directory)
+    except CheckpointError:
+        previous = None
+    unchanged = (f"the previous checkpoint ({previous.name if previous else 'none'}) and '{POINTER_NAME}' are "
+                 "unchanged: free space (or lower train.keep_checkpoints) and continue with --resume")
+    keep_files = set() if previous is None else {previous.name, _state_path(previous).name}
+    written = []
+    try:
+        with out_of_space_as_error(directory, f"the checkpoint of iteration {iteration}", needed, unchanged):
+            written.append(state_path)  # from here on a failure leaves no state file of this iteration
+            digest = _save_state(state_path, state)
+            written.append(model_path)
+            save_model(segmentor, cfg, model_path, metadata={"iteration": iteration, "state_sha256": digest},
+                       fingerprint=fingerprint)
+            pointer = json.dumps({"iteration": iteration, "model": model_path.name, "state": state_path.name})
+            atomic_write(directory / POINTER_NAME, lambda tmp: Path(tmp).write_text(pointer + "\n"))
+    except BaseException:
+        for path in written:  # a half-made checkpoint `last` does not name: never a candidate for a resume
+            if path.name not in keep_files:
+                path.unlink(missing_ok=True)
+        raise
     if keep > 0:
         # Only checkpoints before this one are candidates, so the file `last` now names is never deleted.
         # Later-numbered ones (left when a run is resumed from an earlier checkpoint) are not this run's
@@ -200,13 +359,91 @@ def latest_checkpoint(directory: PathLike) -> Optional[Path]:
     return Path(directory) / name
 
 
+def _state_path(model_path: Path) -> Path:
+    return model_path.with_name(model_path.name[: -len(".safetensors")] + ".state.pt")
+
+
+def checkpoint_candidates(directory: PathLike) -> list[tuple[Path, Path]]:
+    """(model file, state file) pairs a resume may use, best first: the one ``last`` names, then the
+    earlier ones, newest first. Without a readable ``last``: every ``iter_N.safetensors``, newest first.
+    Later-numbered files than ``last`` names are another run's past (see save_training_checkpoint)."""
+    directory = Path(directory)
+    numbered = sorted(((n, p) for p in directory.glob("iter_*.safetensors")
+                       if (n := _checkpoint_iteration(p)) is not None), reverse=True)
+    try:
+        named = latest_checkpoint(directory)
+    except CheckpointError:  # a damaged pointer: the files themselves are the record
+        named = None
+    if named is None:
+        return [(p, _state_path(p)) for _, p in numbered]
+    newest = _checkpoint_iteration(named)
+    older = [p for n, p in numbered if newest is not None and n < newest]
+    return [(named, _state_path(named))] + [(p, _state_path(p)) for p in older]
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint whose files were read and checked: the model's tensors and metadata, the state."""
+
+    model_path: Path
+    state_path: Path
+    tensors: dict
+    meta: dict
+    state: dict
+
+
+def read_checkpoint(model_path: PathLike, state_path: Optional[PathLike] = None) -> LoadedCheckpoint:
+    """Read and check both files of a checkpoint: the model file's checksum, the state file's SHA-256
+    recorded in it, and that both are of one iteration. Raises CheckpointError (DamagedCheckpointError
+    for a damaged or missing file) naming the file."""
+    model_path = Path(model_path)
+    state_path = Path(state_path) if state_path is not None else _state_path(model_path)
+    tensors, meta = read_model(model_path)
+    if not state_path.is_file():
+        raise DamagedCheckpointError(f"{model_path} has no training state next to it ({state_path} is missing)")
+    expected = meta.get("state_sha256")
+    if expected is not None and _file_sha256(state_path) != expected:
+        raise DamagedCheckpointError(f"{state_path} is damaged: its bytes do not match the checksum {model_path.name} "
+                                     "records for it (flipped bits, a partial copy, or another checkpoint's state)")
+    try:
+        state = load_training_state(state_path)
+    except CheckpointError as err:
+        raise DamagedCheckpointError(str(err)) from None
+    if meta.get("iteration") != state.get("iteration"):
+        raise DamagedCheckpointError(f"{model_path} (iteration {meta.get('iteration')}) and {state_path} "
+                                     f"(iteration {state.get('iteration')}) are not one checkpoint")
+    return LoadedCheckpoint(model_path, state_path, tensors, meta, state)
+
+
+def find_resumable(directory: PathLike) -> tuple[Optional[LoadedCheckpoint], list[str]]:
+    """The newest intact checkpoint in ``directory`` (None when it has no checkpoint at all) and one
+    "file: why" line for each damaged one passed over.
+
+    Raises:
+        CheckpointError: there are checkpoints, but none is intact (a resume must not start over).
+    """
+    candidates = checkpoint_candidates(directory)
+    damaged = []
+    for model_path, state_path in candidates:
+        try:
+            return read_checkpoint(model_path, state_path), damaged
+        except CheckpointError as err:
+            damaged.append(str(err))
+    if damaged:
+        raise DamagedCheckpointError(f"no intact checkpoint to resume from in {directory}: " + "; ".join(damaged)
+                                     + ". dgss does not start over by itself: restore a checkpoint, or start a new "
+                                     "run without --resume in another folder")
+    return None, []
+
+
 def resolve_checkpoint(spec: Optional[PathLike], directory: PathLike) -> tuple[Path, Path]:
     """(model file, state file) to resume from: ``spec`` (either file of a pair) or, when None, the
-    newest checkpoint in ``directory``."""
+    best candidate in ``directory`` (:func:`checkpoint_candidates`; only that files exist is checked)."""
     if spec is None:
-        model_path = latest_checkpoint(directory)
-        if model_path is None:
+        candidates = checkpoint_candidates(directory)
+        if not candidates:
             raise CheckpointError(f"no checkpoint to resume from in {directory}; start without --resume")
+        return candidates[0]
     else:
         spec = Path(spec)
         if spec.is_dir():

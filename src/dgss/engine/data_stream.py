@@ -13,18 +13,26 @@ augmentation generator seeded with (seed, global position in the stream). Then
 * batches do not depend on ``num_workers``;
 * W processes with batch B see exactly the samples one process with batch W x B sees (the DDP
   equivalence the tests check).
+
+Samples a dataset skips (``on_bad_sample: skip``, e.g. an image that became unreadable mid-run) are
+counted per file in :attr:`ResumableBatches.skipped`, also when DataLoader workers load them, and a
+worker's data error is re-raised as the one line the dataset wrote, not a worker traceback.
 """
 
 from __future__ import annotations
 
 import itertools
+import weakref
+from collections import Counter
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from ..data.image_io import DataError
 from ..data.loader import TrainLoader, seed_worker
+from .preemption import ignore_in_worker
 
 __all__ = ["ResumableBatches"]
 
@@ -64,7 +72,35 @@ class _PositionSeededDataset(Dataset):
         generator = np.random.default_rng([self.seed, _AUGMENT_SALT, position])
         for leaf in self.leaves:
             leaf.rng = lambda generator=generator: generator
-        return self.dataset[index]
+            leaf.skip_events = []
+        sample = self.dataset[index]
+        # what was skipped to load it travels with the sample (a string, so batches collate as usual)
+        sample["skipped"] = "\n".join(event for leaf in self.leaves for event in leaf.skip_events)
+        return sample
+
+
+def _worker_init(worker_id: int) -> None:
+    """DataLoader workers: seeded as usual, and deaf to SIGTERM/SIGUSR1, which the trainer handles (so a
+    worker leaves when :meth:`ResumableBatches.close` asks it to, or when its parent process is gone)."""
+    seed_worker(worker_id)
+    ignore_in_worker()
+
+
+def _shut_down(iterator) -> None:
+    shutdown = getattr(iterator, "_shutdown_workers", None)  # multi-process iterators only
+    if shutdown is not None:
+        shutdown()
+
+
+def _one_line(err: DataError) -> DataError:
+    """A DataLoader worker's error as the dataset raised it: PyTorch re-raises it with the worker's
+    traceback in the message; the last line holds the original one-line message."""
+    text = str(err)
+    if not text.startswith("Caught ") or "Traceback" not in text:
+        return err
+    last = [line for line in text.splitlines() if line.strip()][-1].strip()
+    name, sep, message = last.partition(": ")
+    return type(err)(message if sep and name.endswith(type(err).__name__) else last)
 
 
 class ResumableBatches:
@@ -88,6 +124,9 @@ class ResumableBatches:
         self._num_workers = source.num_workers if num_workers is None else num_workers
         self._seed = seed
         self._iterator: Optional[Iterator] = None
+        self._finalizer: Optional[weakref.finalize] = None
+        self.skipped: Counter = Counter()  # image path -> samples of it skipped by this process
+        self._new_skips: list[str] = []
 
     def _start(self) -> Iterator:
         # batch_sampler-free: the positioned sampler is endless and batches are consecutive pairs
@@ -95,11 +134,21 @@ class ResumableBatches:
         loader = DataLoader(
             self._dataset, batch_size=self.batch_size, sampler=positioned, num_workers=self._num_workers,
             collate_fn=default_collate, pin_memory=torch.cuda.is_available(), drop_last=True,
-            worker_init_fn=seed_worker, persistent_workers=self._num_workers > 0,
+            worker_init_fn=_worker_init, persistent_workers=self._num_workers > 0,
             # its own generator, so starting the loader never draws from the global torch RNG
             generator=torch.Generator().manual_seed(self._seed * 1000 + self._rank),
         )
-        return iter(loader)
+        iterator = iter(loader)
+        # workers ignore SIGTERM, so Python's exit must not be left to terminate() and join() them
+        self._finalizer = weakref.finalize(self, _shut_down, iterator)
+        return iterator
+
+    def close(self) -> None:
+        """Stop the DataLoader workers (the next batch starts new ones at the same position)."""
+        self._iterator = None
+        if self._finalizer is not None:
+            self._finalizer()  # once; it lets go of the iterator
+            self._finalizer = None
 
     def __iter__(self) -> "ResumableBatches":
         return self
@@ -107,6 +156,19 @@ class ResumableBatches:
     def __next__(self) -> dict:
         if self._iterator is None:
             self._iterator = self._start()
-        batch = next(self._iterator)
+        try:
+            batch = next(self._iterator)
+        except DataError as err:
+            raise _one_line(err) from None
         self.position += self.batch_size
+        for events in batch.pop("skipped", ()):
+            for event in filter(None, events.split("\n")):
+                path, _, reason = event.partition("\t")
+                self.skipped[path] += 1
+                self._new_skips.append(f"skipped {path}: {reason}")
         return batch
+
+    def take_new_skips(self) -> list[str]:
+        """One line per sample skipped since the last call (this process)."""
+        new, self._new_skips = self._new_skips, []
+        return new

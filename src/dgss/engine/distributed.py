@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistContext", "init_distributed", "shutdown_distributed", "barrier", "all_reduce_sum",
-           "broadcast_object"]
+           "all_reduce_max", "broadcast_object"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over processes, in place (identity in a single process)."""
     if _active():
         dist.all_reduce(tensor)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Maximum over processes, in place (identity in a single process)."""
+    if _active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
 
 

@@ -8,7 +8,9 @@ Supported files:
   * SAM official ``sam_vit_{b,l,h}_*.pth`` (``image_encoder.*`` keys; the prompt encoder and mask
     decoder are ignored);
   * MAE official ``mae_pretrain_vit_large.pth`` (``{"model": ...}``);
-  * DINOv3 official ``.pth``; timm ``.safetensors``/``.pth``/``.bin`` for every family.
+  * DINOv3 official ``.pth`` of every size (``dinov3_vit{s,b,l,h+,7b}16_pretrain_lvd1689m-*.pth``; the 7B
+    file's ``local_cls_norm`` and ``mask_token`` are pretraining-only and dropped);
+  * timm ``.safetensors``/``.pth``/``.bin`` for every family.
 
 Files are read with ``safetensors``, ``torch.load(weights_only=True)`` or, for TorchScript archives, a
 restricted unpickler that builds tensors only: no code in a file is imported or run.

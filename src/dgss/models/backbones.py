@@ -39,7 +39,7 @@ class BackboneSpec:
 
 
 # Out indices: Rein's choice for 24-layer models (7/11/15/23), the same spacing for 12 layers,
-# thirds-to-quarters for 40 layers (Rein's DINOv2-G), the global-attention blocks for SAM.
+# thirds-to-quarters for 40 layers (Rein's DINOv2-G, and DINOv3-7B), the global-attention blocks for SAM.
 BACKBONES: dict[str, BackboneSpec] = {
     "dinov2_s": BackboneSpec("vit_small_patch14_dinov2", "lvd142m", "vit", (3, 5, 7, 11)),
     "dinov2_b": BackboneSpec("vit_base_patch14_dinov2", "lvd142m", "vit", (3, 5, 7, 11)),
@@ -61,6 +61,9 @@ BACKBONES: dict[str, BackboneSpec] = {
     "dinov3_b": BackboneSpec("vit_base_patch16_dinov3", "lvd1689m", "eva", (3, 5, 7, 11), native_patch=16),
     "dinov3_l": BackboneSpec("vit_large_patch16_dinov3", "lvd1689m", "eva", (7, 11, 15, 23), native_patch=16),
     "dinov3_hplus": BackboneSpec("vit_huge_plus_patch16_dinov3", "lvd1689m", "eva", (7, 15, 23, 31), native_patch=16),
+    # DINOv3 7B (6.716B parameters: 40 blocks of width 4096, SwiGLU 8192, 4 registers): features after
+    # the quarter blocks 9/19/29/39, as for the 40-block DINOv2-g
+    "dinov3_7b": BackboneSpec("vit_7b_patch16_dinov3", "lvd1689m", "eva", (9, 19, 29, 39), native_patch=16),
 }
 
 

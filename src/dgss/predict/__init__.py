@@ -35,7 +35,7 @@ def load(path: Union[str, os.PathLike], *, config=None, overrides: Sequence[str]
 
     Args:
         path: a dgss model file (``model_final.safetensors``), a training checkpoint (either half), a run
-            folder, or an official Rein ``.pth`` (then ``config`` is required).
+            folder, or an official Rein or released SoMA ``.pth`` (then ``config`` is required).
         config: experiment YAML or ExperimentConfig, for files that carry no config.
         overrides: dotted config overrides (e.g. ``["eval.mode=whole"]``).
         backbone_weights: the pretrained backbone file for method-only checkpoints whose recorded

@@ -11,6 +11,8 @@ Kinds of checkpoint, recognised by their contents rather than their names:
 * a run folder (``RUN``: its final model, else its newest checkpoint) or a checkpoint folder.
 * an official Rein checkpoint (``.pth`` with ``backbone.reins.*`` and ``decode_head.*``): needs the
   experiment config it was trained with (``config``) and the backbone's weights file.
+* a released SoMA checkpoint (``.pth`` with ``backbone.model.*.lora_A.weight``, :mod:`dgss.tuning.
+  soma_checkpoint`): the same; built with ``method.soma.init: public_code`` and folded.
 * a plain state dict of a dgss segmentor (``.safetensors``/``.pth`` without metadata): needs ``config``.
 """
 
@@ -28,7 +30,7 @@ from ..engine.checkpoint import CheckpointError, latest_checkpoint, load_model_w
 from ..tuning.rein_checkpoint import (OFFICIAL_REIN_PREFIX, PRETRAINED_PREFIX, ReinCheckpointError, load_segmentor_state,
                                       read_model_file_metadata)
 
-__all__ = ["CheckpointError", "LoadedModel", "resolve_model_file", "load_segmentor"]
+__all__ = ["CheckpointError", "LoadedModel", "resolve_model_file", "load_segmentor", "is_dgss_model_file"]
 
 PathLike = Union[str, os.PathLike]
 ConfigLike = Union[None, PathLike, ExperimentConfig]
@@ -41,7 +43,7 @@ class LoadedModel:
     model: torch.nn.Module  # a dgss.models.segmentor.Segmentor
     cfg: ExperimentConfig
     source: Path
-    kind: str  # "dgss" | "official-rein" | "state-dict"
+    kind: str  # "dgss" | "official-rein" | "official-soma" | "state-dict"
 
 
 def resolve_model_file(path: PathLike) -> Path:
@@ -80,6 +82,11 @@ def _with_weights(cfg: ExperimentConfig, backbone_weights: Optional[PathLike]) -
     if backbone_weights is None:
         return cfg
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=str(backbone_weights)))
+
+
+def is_dgss_model_file(path: PathLike) -> bool:
+    """Whether ``path`` is a safetensors file with dgss metadata (a final model or training checkpoint)."""
+    return _has_dgss_metadata(Path(path))
 
 
 def _has_dgss_metadata(path: Path) -> bool:
@@ -138,8 +145,8 @@ def load_segmentor(path: PathLike, *, config: ConfigLike = None, overrides: Sequ
 
     Args:
         path: a model file, the state half of a training checkpoint, a run or checkpoint folder.
-        config: an experiment YAML or :class:`ExperimentConfig`; required for official Rein and
-            plain state-dict files, which carry no config; ignored for dgss model files except through
+        config: an experiment YAML or :class:`ExperimentConfig`; required for official Rein, released
+            SoMA and plain state-dict files, which carry no config; ignored for dgss model files except through
             ``overrides``.
         overrides: dotted overrides applied to the config (e.g. ``["eval.mode=whole"]``).
         backbone_weights: the pretrained backbone file, for files that do not hold it.
@@ -150,6 +157,7 @@ def load_segmentor(path: PathLike, *, config: ConfigLike = None, overrides: Sequ
     """
     from ..models.segmentor import build_segmentor
     from ..tuning.rein_checkpoint import segmentor_from_official_rein
+    from ..tuning.soma_checkpoint import SoMACheckpointError, is_official_soma_state, segmentor_from_official_soma
 
     source = resolve_model_file(path)
     if _has_dgss_metadata(source):
@@ -167,6 +175,14 @@ def load_segmentor(path: PathLike, *, config: ConfigLike = None, overrides: Sequ
             except (ReinCheckpointError, KeyError, RuntimeError) as err:
                 raise CheckpointError(f"{source} does not fit the Rein model of the config: {err}") from err
             kind = "official-rein"
+        elif is_official_soma_state(state):
+            cfg = public_code_config_for(_with_weights(_config_from(config, overrides, source), backbone_weights),
+                                         source)
+            try:
+                model = segmentor_from_official_soma(cfg, state)
+            except (SoMACheckpointError, KeyError, RuntimeError) as err:
+                raise CheckpointError(f"{source} does not fit the SoMA model of the config: {err}") from err
+            kind = "official-soma"
         elif any(k.startswith(("backbone.", "head.", "method.")) for k in state):
             cfg = _with_weights(_config_from(config, overrides, source), backbone_weights)
             model = build_segmentor(cfg)
@@ -175,10 +191,20 @@ def load_segmentor(path: PathLike, *, config: ConfigLike = None, overrides: Sequ
         else:
             sample = ", ".join(list(state)[:3])
             raise CheckpointError(f"{source} is a checkpoint of an unknown kind (keys like {sample}): expected a "
-                                  "dgss model file, a training checkpoint or an official Rein checkpoint")
+                                  "dgss model file, a training checkpoint, an official Rein or a released SoMA checkpoint")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return LoadedModel(model=model.to(device).eval(), cfg=cfg, source=source, kind=kind)
+
+
+def public_code_config_for(cfg: ExperimentConfig, source: Path) -> ExperimentConfig:
+    """The config a released SoMA file is built with (``init: public_code``), or a CheckpointError."""
+    from ..tuning.soma_checkpoint import SoMACheckpointError, public_code_config
+
+    try:
+        return public_code_config(cfg)
+    except SoMACheckpointError as err:
+        raise CheckpointError(f"{source} is a released SoMA checkpoint: {err}") from err
 
 
 def _load_plain_state(model, state: dict[str, torch.Tensor], source: Path, cfg: ExperimentConfig) -> None:

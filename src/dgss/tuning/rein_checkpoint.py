@@ -29,11 +29,10 @@ from typing import Optional, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 from ..config import ExperimentConfig, from_dict, to_dict
-from ..fileio import save_safetensors
+from ..fileio import CHECKSUM_KEY, DamagedFileError, load_safetensors, save_safetensors
 from ..models.backbone_weights import convert_state_dict, read_state_dict
 from .rein import Rein
 
@@ -52,6 +51,7 @@ __all__ = [
     "segmentor_from_official_rein",
     "save_model_file",
     "load_model_file",
+    "read_model_file",
     "read_model_file_metadata",
 ]
 
@@ -208,7 +208,8 @@ def segmentor_from_official_rein(cfg, checkpoint: Union[str, os.PathLike, dict])
 #     against ~1.3 GB with the backbone); the backbone comes from its own pretrained file, as
 #     rein.md says a Rein checkpoint should.
 
-MODEL_FILE_VERSION = 1
+# 2: the file carries a checksum (dgss.fileio.CHECKSUM_KEY), so a version-2 file without one is damaged
+MODEL_FILE_VERSION = 2
 PRETRAINED_PREFIX = "backbone.model."
 
 
@@ -269,6 +270,23 @@ def read_model_file_metadata(path: Union[str, os.PathLike]) -> dict:
     return json.loads(raw)
 
 
+def read_model_file(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, "dgss" metadata) of a model file, its checksum verified.
+
+    Raises:
+        DamagedFileError: truncated, bit-flipped, or a checksummed version without its checksum.
+        ReinCheckpointError: a safetensors file without dgss metadata.
+    """
+    tensors, raw = load_safetensors(path)
+    if "dgss" not in raw:
+        raise ReinCheckpointError(f"{path} is not a dgss model file (no 'dgss' metadata)")
+    meta = json.loads(raw["dgss"])
+    if meta.get("format_version", 1) >= 2 and CHECKSUM_KEY not in raw:  # its name had a bit flipped
+        raise DamagedFileError(f"{path} is damaged: the checksum a model file of format "
+                               f"{meta.get('format_version')} carries is missing")
+    return tensors, meta
+
+
 def load_model_file(path: Union[str, os.PathLike], *, backbone_weights: Optional[str] = None):
     """Rebuild and load a model saved by :func:`save_model_file`, in eval mode on the CPU.
 
@@ -278,7 +296,7 @@ def load_model_file(path: Union[str, os.PathLike], *, backbone_weights: Optional
     """
     from ..models.segmentor import build_segmentor  # lazily: the segmentor imports the tuning package
 
-    meta = read_model_file_metadata(path)
+    tensors, meta = read_model_file(path)  # checksum verified before the config in it is trusted
     cfg = from_dict(ExperimentConfig, meta["config"], source=str(path))
     full = meta["contents"] == "full"
     weights = None if full else (backbone_weights or meta.get("backbone_weights"))
@@ -288,7 +306,7 @@ def load_model_file(path: Union[str, os.PathLike], *, backbone_weights: Optional
         )
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=weights))
     segmentor = build_segmentor(cfg)
-    load_segmentor_state(segmentor, load_file(str(path), device="cpu"), path, with_backbone=full)
+    load_segmentor_state(segmentor, tensors, path, with_backbone=full)
     return segmentor.eval()
 
 

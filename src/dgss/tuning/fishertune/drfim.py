@@ -51,6 +51,13 @@ docs/benchmarks.md, "FisherTune's ranking"):
 
 Nothing depends on the dataset size (the paper's N_eff is absorbed into gamma), on the loss scale
 (every term is a ratio of Fishers) or, with per-sample Fisher, on the estimation batch size.
+
+Memory (``estimate_memory="streamed"``, the default): the passes
+square each tensor's gradient into its sum as soon as it exists (:mod:`.fisher`), and under
+torch.distributed each process keeps the sums of its own passes, reduced tensor by tensor where they
+are read, so no process holds a second model-sized buffer. The scores are then never materialised
+for all tensors at once (:mod:`.streaming`). What stays is the weights, the two sums (F for x and x')
+and the sampled theta: 16 bytes per eligible entry in fp32 (docs/benchmarks.md, "Memory planner").
 """
 
 from __future__ import annotations
@@ -153,12 +160,20 @@ class DRFIMOptions:
     prior_rho: float = 0.05
     prior_quantile: float = 0.9
     ratio_eps: float = 1e-8
+    estimate_memory: Literal["streamed", "dense"] = "streamed"  # gradients and scores tensor by tensor, or all
+
+    @property
+    def streamed(self) -> bool:
+        return self.estimate_memory == "streamed"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.prior_quantile < 1.0:
             raise ValueError(f"method.fishertune.prior_quantile must be in (0, 1), got {self.prior_quantile}")
         if self.domain_balance < 0:
             raise ValueError(f"method.fishertune.domain_balance must be >= 0, got {self.domain_balance}")
+        if self.estimate_memory not in ("streamed", "dense"):
+            raise ValueError(f"method.fishertune.estimate_memory must be 'streamed' or 'dense', "
+                             f"got '{self.estimate_memory}'")
         if self.normalization not in ("global", "tensor"):
             raise ValueError(f"method.fishertune.normalization must be 'global' or 'tensor', "
                              f"got '{self.normalization}'")
@@ -201,6 +216,10 @@ class FisherEstimate:
         return dominated / sum(f.numel() for f in self.fisher_x.values())
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 # forward_loss(params, batch, shifted) -> scalar: the loss with ``params`` in place, on x or on x'.
 ShiftedForwardLoss = Callable[[dict[str, torch.Tensor], dict, bool], torch.Tensor]
 
@@ -229,18 +248,33 @@ class DomainRelatedFisher:
     def _add_fisher(self, params, batch: dict, shifted: bool, sums: dict[str, torch.Tensor]) -> int:
         """Add one batch's squared gradients (per sample, or x B per batch), summed over every process,
         to the running ``sums``; returns how many per-sample estimates they stand for."""
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        distributed = _distributed()
+        streamed = self.options.streamed
         # Under torch.distributed the batch's sums are reduced on their own (the running sums are the
-        # same on every process already); alone, they are added in place (no extra copy of the model).
-        target = {n: torch.zeros_like(s) for n, s in sums.items()} if distributed else sums
+        # same on every process already); alone, or streamed (each process keeps its own sums, reduced
+        # where they are read: :meth:`_global`), they are added in place (no extra copy of the model).
+        target = {n: torch.zeros_like(s) for n, s in sums.items()} if distributed and not streamed else sums
         _, count = squared_gradient_sums(lambda p, b: self.forward_loss(p, b, shifted), params, [batch],
-                                         per_sample=self.options.per_sample, sums=target)
+                                         per_sample=self.options.per_sample, sums=target, streamed=streamed)
         self.passes += batch_size_of(batch) if self.options.per_sample else 1
+        if distributed and streamed:  # the count only (on the sums' device: NCCL reduces no host tensor)
+            total = torch.tensor([count], dtype=torch.float64, device=next(iter(sums.values())).device)
+            dist.all_reduce(total)
+            return int(total.item())
         if distributed:
             count = all_reduce_sums(target, count)
             for name, value in target.items():
                 sums[name].add_(value)
         return count
+
+    def _global(self, local: torch.Tensor) -> torch.Tensor:
+        """A running sum over every process: itself, or (streamed, distributed) a reduced copy of this
+        process's sum (one tensor at a time)."""
+        if not (self.options.streamed and _distributed()):
+            return local
+        total = local.clone()
+        dist.all_reduce(total)
+        return total
 
     def estimate(self, batches: Iterator[dict], num_batches: int, *, with_shift: bool = True) -> FisherEstimate:
         """Draw ``num_batches`` batches from ``batches`` and estimate (each batch seen as x and, with the
@@ -281,6 +315,10 @@ class DomainRelatedFisher:
                 self.progress(done)
         if count_x == 0 or (with_shift and count_s == 0):
             raise FloatingPointError("FisherTune: every Fisher batch had a non-finite gradient")
+        if self.options.streamed and _distributed():  # every process's own passes, summed in place
+            for sums in (sums_x, sums_s or {}):
+                for tensor in sums.values():
+                    dist.all_reduce(tensor)
         fisher_x = {n: s.div_(count_x) for n, s in sums_x.items()}
         fisher_s = None if sums_s is None else {n: s.div_(count_s) for n, s in sums_s.items()}
         return FisherEstimate(fisher_x, fisher_s, prior, gamma, self.passes)
@@ -293,10 +331,16 @@ class DomainRelatedFisher:
         q = self.options.prior_quantile
 
         def positive(name):
-            values = sums[name].reshape(-1)
+            values = self._global(sums[name]).reshape(-1)
             return values[values > 0] / (prior[name] * count)
 
         def overall():
+            if self.options.streamed:  # the same quantile without concatenating every entry (.streaming)
+                from .streaming import streamed_quantile
+
+                if sum(int((sums[n] > 0).sum()) for n in sums) == 0:
+                    raise FloatingPointError("FisherTune: every eligible entry has a zero Fisher (no gradient reaches them)")
+                return streamed_quantile(lambda: (positive(n) for n in sums), q)
             flat = torch.cat([positive(n) for n in sums])
             if flat.numel() == 0:
                 raise FloatingPointError("FisherTune: every eligible entry has a zero Fisher (no gradient reaches them)")
@@ -326,7 +370,7 @@ class DomainRelatedFisher:
         for name, pretrained in self.pretrained.items():
             precision = torch.full(pretrained.shape, prior[name], dtype=torch.float32, device=pretrained.device)
             if count and gamma is not None:
-                precision.add_(sums[name], alpha=1.0 / (count * gamma[name]))
+                precision.add_(self._global(sums[name]), alpha=1.0 / (count * gamma[name]))
             noise = torch.randn(pretrained.shape, generator=self.generator, device=pretrained.device,
                                 dtype=torch.float32)
             sampled[name] = (pretrained.float() + noise.mul_(precision.rsqrt_())).to(pretrained.dtype)

@@ -15,6 +15,13 @@ them in place (``forward_loss(params, batch)``, e.g. through :func:`torch.func.f
 gradient is taken with :func:`torch.autograd.grad` for exactly those tensors, so no ``.grad`` of the
 model is touched, no ``requires_grad`` flag changes, and the same code estimates the Fisher at a
 *sampled* theta (the variational rounds) without writing into the model.
+
+``streamed=True`` squares each tensor's gradient into its sum as soon as backward has produced it
+(a post-accumulate-grad hook on the leaf) and drops it, so the gradients of all tensors never exist at
+once: one tensor's instead of the whole model's (27 GB for DINOv3-7B in fp32). The sums are the same
+numbers (each gradient is the same tensor, added once in the same order of batches and samples). A
+pass whose loss is not finite is skipped with a warning as in the default path; a non-finite gradient
+under a finite loss cannot be taken back from the sums the pass already reached, and stops the estimate.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ def squared_gradient_sums(
     *,
     per_sample: bool = False,
     sums: Optional[dict[str, torch.Tensor]] = None,
+    streamed: bool = False,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Sum of element-wise squared gradients over ``batches`` (or over their samples), in float32.
 
@@ -61,6 +69,7 @@ def squared_gradient_sums(
         batches: mini-batch dicts.
         per_sample: one squared gradient per sample (micro-batch of 1) instead of per batch.
         sums: running sums to add to (same names and shapes); new float32 zeros when None.
+        streamed: add each tensor's squared gradient as soon as it exists (see the module docstring).
 
     Returns:
         (sums, count): float32 tensors shaped like ``params``, and the number of squared gradients
@@ -77,19 +86,56 @@ def squared_gradient_sums(
     for batch in batches:
         for micro in (split_per_sample(batch) if per_sample else [batch]):
             loss = forward_loss(leaf_params, micro)
+            weight = 1.0 if per_sample else float(batch_size_of(micro))
+            if streamed:
+                count += _streamed_pass(loss, names, leaves, sums, weight)
+                continue
             # allow_unused: eligible tensors the loss does not reach (e.g. a final norm a dense
             # backbone skips) have zero Fisher.
             grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-            if not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+            if not all(g is None or _finite(g) for g in grads):
                 warnings.warn("FisherTune: non-finite gradient in a Fisher batch; skipped", stacklevel=2)
                 continue
-            weight = 1.0 if per_sample else float(batch_size_of(micro))
             for name, grad in zip(names, grads):
                 if grad is not None:
                     grad = grad.float()  # float32 accumulation whatever the parameter dtype
                     sums[name].addcmul_(grad, grad, value=weight)
             count += 1
     return sums, count
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    finite = torch.isfinite(tensor).all()
+    # meta tensors (a memory plan's probe) have no values to check, but take the check's memory all the same
+    return True if tensor.is_meta else bool(finite)
+
+
+def _streamed_pass(loss: torch.Tensor, names: list[str], leaves: list[torch.Tensor],
+                   sums: dict[str, torch.Tensor], weight: float) -> int:
+    """One backward pass whose gradients go straight into ``sums`` tensor by tensor; 1 if it counted."""
+    if not _finite(loss.detach()):
+        warnings.warn("FisherTune: non-finite loss in a Fisher batch; skipped", stacklevel=3)
+        return 0
+
+    def add(name: str):
+        def hook(leaf: torch.Tensor) -> None:
+            grad, leaf.grad = leaf.grad.float(), None
+            if not _finite(grad):
+                raise FloatingPointError(
+                    f"FisherTune: non-finite gradient of '{name}' under a finite loss; the streamed estimate cannot "
+                    "take back what this pass already added: set method.fishertune.estimate_memory=dense, which "
+                    "skips such passes")
+            sums[name].addcmul_(grad, grad, value=weight)
+        return hook
+
+    handles = [leaf.register_post_accumulate_grad_hook(add(name)) for name, leaf in zip(names, leaves)]
+    try:
+        # inputs=: only these leaves get gradients (the head's parameters and .grad stay untouched)
+        torch.autograd.backward(loss, inputs=[leaf for leaf in leaves])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return 1
 
 
 def all_reduce_sums(sums: dict[str, torch.Tensor], count: int) -> int:

@@ -37,8 +37,9 @@ from .drfim import DomainRelatedFisher, DRFIMOptions, FisherEstimate, selection_
 from .perturbation import FeatureStatisticsPerturbation
 from .selection import Selection, active_count, random_scores, rank_top_entries, rerank_inactive, selection_count
 from .sparse import DeltaInjector, apply_delta, eligible_tensors
+from .streaming import ScoreList, TensorScores, streamed_top_entries
 
-__all__ = ["FisherTune", "build_fishertune", "merge_into_dense"]
+__all__ = ["FisherTune", "build_fishertune", "merge_into_dense", "read_selection_file"]
 
 # Seed offsets, so the estimate's draws (theta samples, z of x', random scores) are reproducible
 # from train.seed and independent of the training stream.
@@ -200,7 +201,14 @@ class FisherTune(TuningMethod):
             self.shift.generator = torch.Generator(self.delta.device).manual_seed(seed * 1_000 + rank)
 
     def estimate_and_select(self, trainer) -> None:
-        """Stage 2 on the trainer's model and data stream; sets the ranking."""
+        """Stage 2 on the trainer's model and data stream; sets the ranking (or reads ``selection_file``)."""
+        if self.cfg.selection_file:
+            self.set_selection(read_selection_file(self, self.cfg.selection_file))
+            return
+        if getattr(trainer, "fsdp", False):
+            raise ValueError("FisherTune's estimate (stage 2) needs the unsharded model and does not run under "
+                             "train.parallel=fsdp: write the selection with `dgss fisher CONFIG` on one GPU (`dgss plan` "
+                             "gives its memory) and set method.fishertune.selection_file=OUT/selection.safetensors")
         scores = self.estimate(trainer.model, _batches(trainer), seed=cfg_seed(trainer),
                                progress=_progress_bar(trainer, self.cfg.num_batches))
         self.select(scores, seed=cfg_seed(trainer))
@@ -210,7 +218,8 @@ class FisherTune(TuningMethod):
         return DRFIMOptions(variational=cfg.variational, per_sample=cfg.per_sample, eps_mu=cfg.eps_mu,
                             eps_sigma=cfg.eps_sigma, domain_balance=cfg.domain_balance,
                             normalization=cfg.normalization, prior_rho=cfg.prior_rho,
-                            prior_quantile=cfg.prior_quantile, ratio_eps=cfg.ratio_eps)
+                            prior_quantile=cfg.prior_quantile, ratio_eps=cfg.ratio_eps,
+                            estimate_memory=cfg.estimate_memory)
 
     def estimate(self, segmentor, batches: Iterator[dict], *, seed: int = 0, at_current: bool = False,
                  mode: Optional[str] = None, progress=None) -> Optional[dict[str, torch.Tensor]]:
@@ -227,7 +236,10 @@ class FisherTune(TuningMethod):
         estimate = self.run_estimate(segmentor, batches, options, seed=seed, with_shift=mode != "fisher",
                                      at_current=at_current, progress=progress)
         self.estimation_passes = estimate.passes
-        scores = selection_scores(estimate, mode, options, self.cfg.delta_max)
+        if options.streamed and not self.keep_scores:  # one tensor's scores at a time (.streaming)
+            scores = TensorScores(estimate, mode, options, self.cfg.delta_max)
+        else:
+            scores = selection_scores(estimate, mode, options, self.cfg.delta_max)
         if self.keep_scores:
             self.last_scores, self.last_estimate = scores, estimate
         return scores
@@ -239,18 +251,9 @@ class FisherTune(TuningMethod):
         device = self.delta.device
         theta_gen = torch.Generator(device).manual_seed(seed + _THETA_SEED)
         shift_gen = torch.Generator(device).manual_seed(seed + _SHIFT_SEED)
-        prefix = "backbone.model."
         base = self.materialized() if at_current else {
             t.name: t.module._parameters[t.attr] for t in self.tensors}
-
-        def forward_loss(params, batch, shifted):
-            from torch.func import functional_call
-
-            full = {prefix + name: value for name, value in params.items()}
-            context = self.shift.active(shift_gen) if shifted else contextlib.nullcontext()
-            with context:
-                return functional_call(segmentor, full, (batch["image"], batch["label"]))["loss"]
-
+        forward_loss = self.estimate_forward_loss(segmentor, shift_gen)
         estimator = DomainRelatedFisher(base, forward_loss, options, generator=theta_gen, progress=progress)
         self._suspended = True  # the estimate passes its own theta; no delta hooks, no augmentation
         try:
@@ -259,6 +262,21 @@ class FisherTune(TuningMethod):
             self._suspended = False
             self.shift.enabled = False
 
+    def estimate_forward_loss(self, segmentor, shift_generator: torch.Generator):
+        """``(params, batch, shifted) -> loss``: the segmentor's loss with the eligible tensors replaced by
+        ``params`` (names in ``backbone.model``), on x or on x' (z drawn from ``shift_generator``)."""
+        prefix = "backbone.model."
+
+        def forward_loss(params, batch, shifted):
+            from torch.func import functional_call
+
+            full = {prefix + name: value for name, value in params.items()}
+            context = self.shift.active(shift_generator) if shifted else contextlib.nullcontext()
+            with context:
+                return functional_call(segmentor, full, (batch["image"], batch["label"]))["loss"]
+
+        return forward_loss
+
     @torch.no_grad()
     def select(self, scores: Optional[dict[str, torch.Tensor]], seed: int = 0) -> Selection:
         """Rank the top K entries by ``scores`` (name -> tensor; None: random) and reset delta."""
@@ -266,6 +284,10 @@ class FisherTune(TuningMethod):
             values = random_scores([t.shape for t in self.tensors], seed + _RANDOM_SEED, device=self.delta.device)
             if self.keep_scores:
                 self.last_scores = {t.name: v for t, v in zip(self.tensors, values)}
+        elif isinstance(scores, TensorScores):
+            selection = streamed_top_entries(scores, [t.name for t in self.tensors], self.capacity)
+            self.set_selection(selection)
+            return selection
         else:
             values = [scores[t.name] for t in self.tensors]
         selection = rank_top_entries(values, self.capacity)
@@ -294,9 +316,32 @@ class FisherTune(TuningMethod):
         scores = self.estimate(trainer.model, _batches(trainer), seed=cfg_seed(trainer) + iteration,
                                at_current=True, progress=_progress_bar(trainer, self.cfg.num_batches))
         if scores is not None:
-            rank = rerank_inactive(self.selection(), [scores[t.name] for t in self.tensors], int(self.num_active))
+            rank = rerank_inactive(self.selection(), ScoreList(scores, [t.name for t in self.tensors]),
+                                   int(self.num_active))
             self.entry_rank.copy_(rank.to(torch.int32))
         self.refreshed_at.fill_(iteration)
+
+
+def read_selection_file(method: FisherTune, path) -> Selection:
+    """The selection ``dgss fisher`` wrote (selection.safetensors), checked against ``method``'s tensors."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise ValueError(f"method.fishertune.selection_file: file not found: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in ("tensor_counts", "entry_index", "entry_rank") if k in f.keys()}
+    expected = [[t.name, list(t.shape)] for t in method.tensors]
+    if len(tensors) < 3 or json.loads(meta.get("tensors", "[]")) != expected or \
+            int(meta.get("capacity", -1)) != method.capacity:
+        raise ValueError(f"method.fishertune.selection_file {path} was not written for this model (its eligible "
+                         f"tensors or K = {method.capacity} differ): run `dgss fisher` with this config")
+    device = method.delta.device
+    return Selection(tensors["tensor_counts"].long(), tensors["entry_index"].long().to(device),
+                     tensors["entry_rank"].long().to(device))
 
 
 def _batches(trainer) -> Iterator[dict]:

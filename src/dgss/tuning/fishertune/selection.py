@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 __all__ = ["selection_count", "tuned_fraction", "active_count", "Selection", "rank_top_entries",
-           "random_scores", "rerank_inactive", "selected_mask"]
+           "group_by_tensor", "random_scores", "rerank_inactive", "selected_mask"]
 
 
 def selection_count(num_eligible: int, fraction: float) -> int:
@@ -78,13 +78,19 @@ def rank_top_entries(scores: Sequence[torch.Tensor], k: int) -> Selection:
         raise ValueError(f"cannot select {k} of {flat.numel()} entries")
     top = torch.topk(flat, k, sorted=True).indices  # global flat positions, best first
     del flat
+    return group_by_tensor(top, sizes)
+
+
+def group_by_tensor(top: torch.Tensor, sizes: torch.Tensor) -> Selection:
+    """A :class:`Selection` from the global flat positions of the chosen entries, best first, and the
+    tensors' sizes (the layout of the concatenation of all tensors)."""
     order = torch.argsort(top)  # grouping by tensor = sorting the global positions
     positions = top[order]
     rank = order  # top[order[i]] has rank order[i]
     starts = torch.cumsum(sizes, 0) - sizes
     tensor_id = torch.searchsorted(starts, positions, right=True) - 1
     index = positions - starts[tensor_id]
-    counts = torch.bincount(tensor_id, minlength=len(scores))
+    counts = torch.bincount(tensor_id, minlength=len(sizes))
     return Selection(counts.cpu(), index, rank)
 
 
@@ -103,12 +109,10 @@ def rerank_inactive(selection: Selection, scores: Sequence[torch.Tensor], num_ac
     its optimizer state are laid out for them, and an inactive entry has zero delta and zero Adam
     state, so moving it in the ranking needs no change to either.
     """
-    sizes = torch.tensor([s.numel() for s in scores], dtype=torch.int64)
-    starts = (torch.cumsum(sizes, 0) - sizes).to(selection.index.device)
-    tensor_id = torch.repeat_interleave(torch.arange(len(scores), device=selection.index.device),
-                                        selection.counts.to(selection.index.device))
-    flat = _flat_scores(scores).to(selection.index.device)
-    entry_scores = flat[starts[tensor_id] + selection.index]
+    # gathered tensor by tensor: the scores of all entries are never concatenated (``scores`` may be a
+    # lazy sequence computing one tensor at a time, see .streaming)
+    chunks = selection.index.split([int(c) for c in selection.counts])
+    entry_scores = torch.cat([_flat_scores([scores[i]]).to(chunk.device)[chunk] for i, chunk in enumerate(chunks)])
     rank = selection.rank.clone()
     inactive = torch.nonzero(rank >= num_active).squeeze(1)
     order = torch.argsort(entry_scores[inactive], descending=True, stable=True)

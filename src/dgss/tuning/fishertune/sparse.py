@@ -90,10 +90,15 @@ def _storage_key(tensor: torch.Tensor) -> Optional[tuple[torch.device, int]]:
     if tensor.layout != torch.strided:
         return None
     try:
-        ptr = tensor.untyped_storage().data_ptr()
+        storage = tensor.untyped_storage()
+        ptr = storage.data_ptr()
     except (RuntimeError, NotImplementedError):  # a tensor subclass without storage
         return None
-    return (tensor.device, ptr) if ptr else None  # 0: meta/fake tensors, which all share it
+    if ptr:
+        return (tensor.device, ptr)
+    # meta tensors all have address 0; their storage object (kept while the storage lives) stands for it,
+    # so that a memory plan on the meta device (dgss.engine.memory_probe) sees what the recipes save
+    return (tensor.device, id(storage)) if tensor.is_meta else None  # fake tensors: no key
 
 
 class _DenseRecipe:

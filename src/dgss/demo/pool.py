@@ -1,0 +1,144 @@
+"""The unlabeled pretraining pool of the label-free foundation ViT: synthetic streets, appearance randomised.
+
+    image = pool_image(index)                        # H x W x 3 uint8, deterministic in index
+    family = pool_family(index)                      # which appearance family rendered it
+
+DINOv2 learned from LVD-142M: a broad, curated, unlabeled stream in which the domains a segmenter is
+later asked about are a small and uneven part. This pool plays that role for the testbed
+(:mod:`dgss.demo.testbed`). Every image is a fresh street scene (layout statistics drawn per image,
+both camera geometries) rendered by one of ``POOL_FAMILIES``, each of which draws its appearance
+from ranges far wider than the benchmark's domains: palettes, surface textures, exposure and tint,
+fog and rain of any strength, blur, sensor noise, colour responses.
+
+What the pool never holds, by construction and by test:
+
+* **night** (``HELD_OUT_FAMILIES``): no family renders below ``MIN_EXPOSURE`` or lights lamps, lit
+  windows or car lights; an image whose mean brightness is under ``MIN_BRIGHTNESS`` (70 of 255; the
+  night targets' lie under 40) is brightened to it, and the self-supervised augmentations
+  (:mod:`dgss.demo.ssl`) dim by at most 0.75 x. The night target family is therefore a shift the
+  foundation never saw, as Cityscapes-at-night is for a model pretrained on daytime photographs.
+* **the benchmark's scenes**: pool scene seeds start at ``POOL_SEED_OFFSET`` (90,000,000), past every
+  benchmark split (training 0.., validation 10,000,000.., test 20,000,000..) and past the old
+  label-pretrained foundation's 50,000,000...
+* **labels**: :func:`pool_image` returns no label; the pretraining objective never sees one.
+
+The source style of the benchmark, ``clean`` (flat colours, no texture, no noise), is rare: 3% of the
+pool (``POOL_WEIGHTS``), as synthetic game frames are a sliver of a web-scale pool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.scene_layout import STREET, WIDE_ANGLE, LayoutStats, build_scene
+from ..data.synthetic import DomainStyle, _render
+
+__all__ = ["POOL_FAMILIES", "POOL_WEIGHTS", "HELD_OUT_FAMILIES", "POOL_SEED_OFFSET", "MIN_EXPOSURE", "MIN_BRIGHTNESS", "POOL_SIZE",
+           "pool_family", "pool_image", "pool_style"]
+
+POOL_SEED_OFFSET = 90_000_000  # scene seeds of the pool: disjoint from every benchmark split and the old pool
+POOL_SIZE = (128, 256)  # H, W of a pool image (the benchmark renders at the same size)
+MIN_EXPOSURE = 0.45  # no pool family renders with a lower exposure (night: 0.10-0.30)
+# no pool image's mean brightness (0..255) is below this: a darker one is brightened to it. The night
+# targets' means lie below 40, and the SSL augmentations dim by at most 0.75 x (to >= 52).
+MIN_BRIGHTNESS = 70.0
+
+# family -> share of the pool. "clean" is the benchmark's source look and is rare on purpose.
+POOL_WEIGHTS: dict[str, float] = {
+    "clean": 0.03,
+    "textured": 0.12,  # the benchmark's textured look with its exposure and noise drawn wider
+    "palette": 0.15,  # every surface recoloured: a random colour transform plus large per-surface jitter
+    "texture": 0.12,  # textures from none to three times the usual strength
+    "lighting": 0.12,  # exposure 0.45-1.6 with warm, cold or green tints (daylight to overcast, never dark)
+    "weather": 0.14,  # fog of any visibility, or rain, over a randomised look
+    "sensor": 0.12,  # blur, strong grain, low contrast
+    "colour": 0.10,  # colour responses: hue rotations, channel gains, gamma (the colour-shift kind)
+    "geometry": 0.10,  # other layout statistics under a randomised look
+}
+POOL_FAMILIES: tuple[str, ...] = tuple(POOL_WEIGHTS)
+HELD_OUT_FAMILIES: tuple[str, ...] = ("night",)
+_CUMULATIVE = np.cumsum([POOL_WEIGHTS[f] for f in POOL_FAMILIES])
+
+
+def pool_family(index: int) -> str:
+    """The family of pool image ``index`` (drawn with ``POOL_WEIGHTS``; deterministic in ``index``)."""
+    u = np.random.default_rng([POOL_SEED_OFFSET + index, 7]).random() * _CUMULATIVE[-1]
+    return POOL_FAMILIES[int(np.searchsorted(_CUMULATIVE, u, side="right"))]
+
+
+def _layout(rng: np.random.Generator, family: str) -> LayoutStats:
+    """Layout statistics drawn around the two cameras (the benchmark's street and wide-angle ones)."""
+    base = WIDE_ANGLE if family == "geometry" or rng.random() < 0.15 else STREET
+    jitter = lambda lo_hi, s: (lo_hi[0] * s, lo_hi[1] * s)  # noqa: E731
+    return dataclasses.replace(base, building_height=jitter(base.building_height, rng.uniform(0.7, 1.3)),
+                               block_width=jitter(base.block_width, rng.uniform(0.6, 1.6)),
+                               object_scale=base.object_scale * rng.uniform(0.8, 1.3))
+
+
+def pool_style(rng: np.random.Generator, family: str) -> DomainStyle:
+    """The rendering style of one pool image of ``family`` (never night: ``night`` is always False and
+    exposure never below ``MIN_EXPOSURE``)."""
+    if family == "clean":
+        return DomainStyle(texture=0.0, windows=False, grain=0.0, exposure=(0.97, 1.03))
+    texture = rng.uniform(0.3, 1.5)
+    grain = rng.uniform(0.0, 6.0)
+    low = rng.uniform(MIN_EXPOSURE, 1.0)
+    style = DomainStyle(texture=texture, windows=rng.random() < 0.7, grain=grain, exposure=(low, low + 0.15))
+    if family == "texture":
+        style = dataclasses.replace(style, texture=rng.uniform(0.0, 3.0))
+    elif family == "lighting":
+        low = rng.uniform(MIN_EXPOSURE, 1.45)
+        style = dataclasses.replace(style, exposure=(low, low + 0.15))
+    elif family == "weather":
+        if rng.random() < 0.5:
+            near = rng.uniform(0.6, 6.0)
+            style = dataclasses.replace(style, fog_visibility=(near, near * 1.5))
+        else:
+            style = dataclasses.replace(style, rain=True, exposure=(max(MIN_EXPOSURE, low * 0.8), max(MIN_EXPOSURE, low * 0.8) + 0.1))
+    elif family == "sensor":
+        style = dataclasses.replace(style, grain=rng.uniform(4.0, 16.0))
+    elif family == "colour":
+        style = dataclasses.replace(style, colour_shift=True)
+    return style
+
+
+def _post(image: np.ndarray, rng: np.random.Generator, family: str) -> np.ndarray:
+    """Family-specific effects the renderer does not have: tints, blur, contrast (H x W x 3 uint8)."""
+    x = image.astype(np.float32)
+    if family == "lighting":  # a coloured illuminant (warm, cold, green); never the dark blue of night
+        x *= rng.uniform(0.8, 1.2, 3).astype(np.float32)
+    if family == "sensor":
+        if rng.random() < 0.7:  # defocus or motion blur by a separable box of 2-5 px
+            k = int(rng.integers(2, 6))
+            t = torch.from_numpy(x).permute(2, 0, 1)[None]
+            kernel = torch.ones(3, 1, 1, k) / k
+            t = F.conv2d(F.pad(t, (k // 2, (k - 1) // 2, 0, 0), mode="replicate"), kernel, groups=3)
+            if rng.random() < 0.6:
+                t = F.conv2d(F.pad(t, (0, 0, k // 2, (k - 1) // 2), mode="replicate"), kernel.transpose(2, 3), groups=3)
+            x = t[0].permute(1, 2, 0).numpy()
+        contrast = rng.uniform(0.5, 1.0)
+        x = (x - x.mean()) * contrast + x.mean()
+    x = np.clip(x, 0, 255)
+    mean = float(x.mean())
+    if mean < MIN_BRIGHTNESS:  # never as dark as night (a dark palette or rain at low exposure)
+        x = np.clip(x * (MIN_BRIGHTNESS / max(mean, 1.0)), 0, 255)
+    return x.astype(np.uint8)
+
+
+def pool_image(index: int, size=POOL_SIZE) -> np.ndarray:
+    """Pool image ``index``: H x W x 3 uint8, deterministic in (``index``, ``size``); no label."""
+    family = pool_family(index)
+    seed = POOL_SEED_OFFSET + index
+    rng = np.random.default_rng([seed, 11])
+    scene = build_scene(np.random.default_rng([seed, 0, 0]), (int(size[0]), int(size[1])), _layout(rng, family))
+    if family == "palette":  # recolour every surface: one random colour transform, then large per-row jitter
+        matrix = rng.uniform(-0.4, 0.4, (3, 3)) + np.eye(3) * rng.uniform(0.4, 1.2)
+        palette = scene.palette @ matrix.T.astype(np.float32) + rng.uniform(-30, 30, 3).astype(np.float32)
+        palette += rng.uniform(-60, 60, palette.shape).astype(np.float32)
+        scene.palette = np.clip(palette, 0, 255).astype(np.float32)
+    image = _render(scene, pool_style(rng, family), np.random.default_rng([seed, 12]))
+    return _post(image, rng, family)

@@ -1,0 +1,109 @@
+"""The synthetic worlds an experiment of :mod:`dgss.demo` runs in: the demo's and the DG testbed's.
+
+    world = WORLDS["testbed"]
+    cfg = demo_config("frozen", budget=..., out_dir=..., weights=None, world=world)
+
+A world fixes everything but the method: the source domain, the target domains, the validation shift
+family (which alone may choose a setting; never a target), the label set, the foundation ViT's
+architecture and file, and the head. Both worlds render the same procedural streets
+(:mod:`dgss.data.synthetic`); they differ in what the papers' setting needs (docs/dg_benchmark.md):
+
+* ``demo`` (``dgss demo``): the 19 Cityscapes classes at 128 x 256 with patch 16 (an 8 x 8 token grid on
+  a 128 crop), five targets, the label-pretrained foundation (:mod:`dgss.demo.foundation`).
+* ``testbed`` (``benchmarks/bench_dg.py``): 11 classes, each at least one token thick at the median,
+  patch 8 (16 x 16 tokens on a 128 crop), four target families at two severities each (night, which
+  the foundation never saw, fog, rain, colour shift), a blur validation family, and the label-free
+  foundation (:mod:`dgss.demo.foundation_ssl`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["World", "WORLDS", "DEMO_WORLD", "TESTBED_WORLD", "foundation_architecture", "resolve_weights",
+           "FOUNDATION_ALIASES"]
+
+_DEMO_HEAD = {"type": "mask2former", "hidden_dim": 64, "num_queries": 20, "num_heads": 4,
+              "pixel_decoder_layers": 1, "pixel_decoder_ffn_dim": 128, "decoder_layers": 3,
+              "decoder_ffn_dim": 128, "num_points_loss": 1024}
+
+
+@dataclass(frozen=True)
+class World:
+    name: str
+    source: str
+    targets: tuple[str, ...]
+    validation: tuple[str, ...]  # the validation shift family: chooses settings, never reported as a target
+    label_set: str  # SyntheticDataset's label_set
+    num_classes: int
+    foundation: dict  # backbone, img_size, patch_size, backbone_kwargs (the default file's architecture)
+    foundation_file: str  # a key of FOUNDATION_ALIASES
+    head: dict = field(default_factory=lambda: dict(_DEMO_HEAD))
+    image_size: tuple[int, int] = (128, 256)
+
+    @property
+    def evaluated(self) -> tuple[str, ...]:
+        """Every domain a run is evaluated on: source, validation family, targets."""
+        return (self.source, *self.validation, *self.targets)
+
+
+def _demo_world() -> World:
+    from .foundation import FOUNDATION
+
+    return World(name="demo", source="clean", targets=("textured", "night", "fog", "rain", "colorshift"),
+                 validation=(), label_set="cityscapes", num_classes=19, foundation=FOUNDATION,
+                 foundation_file="label-foundation")
+
+
+def _testbed_world() -> World:
+    from .foundation_ssl import SSL_FOUNDATION
+
+    # 11 classes: 12 queries; one pixel-decoder layer and two decoder layers keep the head small enough
+    # to converge in the budget (precondition P1, docs/dg_benchmark.md)
+    head = dict(_DEMO_HEAD, num_queries=12, decoder_layers=2, num_points_loss=512)
+    return World(name="testbed", source="clean",
+                 targets=("night-1", "night-2", "fog-1", "fog-2", "rain-1", "rain-2", "colorshift-1", "colorshift-2"),
+                 validation=("blur-1", "blur-2"), label_set="testbed", num_classes=11, foundation=SSL_FOUNDATION,
+                 foundation_file="ssl-foundation", head=head)
+
+
+DEMO_WORLD = _demo_world()
+TESTBED_WORLD = _testbed_world()
+WORLDS = {"demo": DEMO_WORLD, "testbed": TESTBED_WORLD}
+
+
+def _alias_paths() -> dict[str, Path]:
+    from .foundation import FOUNDATION_FILE
+    from .foundation_ssl import SSL_FOUNDATION_FILE
+
+    return {"label-foundation": FOUNDATION_FILE, "ssl-foundation": SSL_FOUNDATION_FILE}
+
+
+FOUNDATION_ALIASES = ("label-foundation", "ssl-foundation")  # names a row may give as model.weights
+
+
+def resolve_weights(weights: Optional[str]) -> Optional[str]:
+    """A foundation alias ("label-foundation": the old label-pretrained file; "ssl-foundation": the
+    label-free one) -> its shipped path; anything else unchanged (None: random initialisation)."""
+    if weights in FOUNDATION_ALIASES:
+        return str(_alias_paths()[weights])
+    return weights
+
+
+def foundation_architecture(weights: Optional[str], default: dict) -> dict:
+    """The architecture a foundation file was made with (its safetensors metadata "architecture", as
+    dgss's pretraining writes it), else ``default``: the label-pretrained file (patch 16) keeps its own
+    token size when it runs in the testbed."""
+    if not weights or not str(weights).endswith(".safetensors") or not Path(weights).is_file():
+        return default
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        meta = f.metadata() or {}
+    try:
+        return json.loads(meta["architecture"]) if "architecture" in meta else default
+    except ValueError:
+        return default

@@ -1,0 +1,342 @@
+"""The DG testbed (issue 22): the unlabeled pool, the self-supervised objective, the label-free foundation's
+file and manifest, the visible-class label set, graded shifts, LP-FT, WiSE-FT and the preconditions."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from dgss.data.synthetic import (SEVERITY_STYLES, TESTBED_CLASSES, TESTBED_OF_TRAIN_ID, SyntheticDataset,
+                                 generate)
+from dgss.demo.dg_stats import GATING, preconditions, selection_bias, summarize
+from dgss.demo.pool import (HELD_OUT_FAMILIES, MIN_BRIGHTNESS, POOL_FAMILIES, POOL_SEED_OFFSET, pool_family,
+                            pool_image, pool_style)
+from dgss.demo.ssl import SelfDistillation, SSLRecipe, encode_tokens, multi_crop, random_patch_masks
+from dgss.demo.world import TESTBED_WORLD, foundation_architecture
+
+TINY = dict(backbone="dinov2_s", img_size=32, patch_size=8, backbone_kwargs=dict(depth=2, embed_dim=32, num_heads=2))
+TINY_SSL = dict(prototypes=32, head_hidden=32, head_bottleneck=16, global_size=32, local_size=16, local_crops=2,
+                freeze_last_layer_iters=0)
+
+
+def _tiny_vit():
+    from dgss.models.backbones import build_backbone
+
+    return build_backbone("dinov2_s", img_size=32, patch_size=8, **TINY["backbone_kwargs"]).model
+
+
+# ---------------------------------------------------------------- the pool
+
+
+def test_the_pool_never_holds_night_and_its_scenes_are_no_benchmark_split():
+    assert "night" in HELD_OUT_FAMILIES and not any(f.startswith("night") for f in POOL_FAMILIES)
+    rng = np.random.default_rng(0)
+    for family in POOL_FAMILIES:  # no style of any family is a night style or darker than the floor
+        for _ in range(20):
+            style = pool_style(rng, family)
+            assert not style.night and style.exposure[0] >= 0.45
+    night_means = [generate(d, 10_000_000 + i)[0].mean() for d in ("night-1", "night-2") for i in range(6)]
+    means = [pool_image(i).mean() for i in range(60)]
+    assert min(means) >= MIN_BRIGHTNESS - 1 > max(night_means)
+    # every family is drawn, clean rarely; images are deterministic and differ between indices
+    families = [pool_family(i) for i in range(2000)]
+    assert set(families) == set(POOL_FAMILIES) and families.count("clean") < 0.06 * len(families)
+    assert np.array_equal(pool_image(3), pool_image(3)) and not np.array_equal(pool_image(3), pool_image(4))
+    assert POOL_SEED_OFFSET > 20_000_000 + 10_000_000  # past the test split's seeds (20,000,000 + index)
+
+
+def test_ssl_augmentations_never_dim_below_three_quarters():
+    recipe = SSLRecipe(**TINY_SSL)
+    assert recipe.brightness[0] >= 0.75 and not hasattr(recipe, "solarize")
+    images = torch.full((2, 3, 64, 128), 100, dtype=torch.uint8)  # flat grey: the mean only moves by brightness
+    g, loc = multi_crop(images, recipe, torch.Generator().manual_seed(0))
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    pixels = torch.cat([(g * std + mean).flatten(1), (loc * std + mean).flatten(1)], 1) * 255
+    assert g.shape == (4, 3, 32, 32) and loc.shape == (4, 3, 16, 16)
+    assert pixels.mean(1).min() >= 0.75 * 100 - 1
+
+
+# ---------------------------------------------------------------- the objective
+
+
+def test_masked_patches_are_replaced_by_the_mask_token_before_the_position_embedding():
+    vit = _tiny_vit().eval()
+    x = torch.randn(2, 3, 32, 32)
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[0, 1, 2] = True
+    token = torch.randn(1, 32)
+    # oracle: the patch embedding with that entry replaced, then timm's own path
+    emb = vit.patch_embed(x)
+    emb[0, 1, 2] = token[0]
+    expected = vit.norm(vit.blocks(vit.norm_pre(vit._pos_embed(emb))))
+    assert torch.allclose(encode_tokens(vit, x, masks, token), expected, atol=1e-6)
+    assert torch.allclose(encode_tokens(vit, x), vit.forward_features(x), atol=1e-6)
+
+
+def test_random_masks_follow_the_recipe():
+    recipe = SSLRecipe(mask_prob=0.5, mask_ratio=(0.1, 0.5))
+    masks = random_patch_masks(400, 12, recipe, torch.Generator().manual_seed(0))
+    share = masks.flatten(1).float().mean(1)
+    masked = share > 0
+    assert 0.4 < masked.float().mean() < 0.6
+    assert share[masked].min() >= 0.09 and share[masked].max() <= 0.51
+
+
+@pytest.mark.parametrize("objective", ["dino", "dino_ibot"])
+def test_the_self_supervised_loss_decreases(objective):
+    """With the teacher and its centre held fixed (momentum 1), each loss is a cross-entropy to a fixed
+    target, which the student's gradient steps must reduce (with a moving teacher the targets move, and
+    DINO's loss need not fall)."""
+    torch.manual_seed(0)
+    recipe = SSLRecipe(objective=objective, center_momentum=1.0, **TINY_SSL)
+    model = SelfDistillation(_tiny_vit(), recipe)
+    optimizer = torch.optim.AdamW(list(model.trainable_parameters()), lr=2e-3)
+    images = torch.randint(0, 255, (8, 3, 48, 48), dtype=torch.uint8)
+    g, loc = multi_crop(images, recipe, torch.Generator().manual_seed(1))
+    masks = random_patch_masks(g.shape[0], 4, SSLRecipe(mask_prob=1.0), torch.Generator().manual_seed(2))
+    losses = []
+    for _ in range(25):
+        loss, logs = model(g, loc, masks)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        model.update_teacher(1.0)
+        losses.append(loss.item())
+        assert ("ibot" in logs) == (objective == "dino_ibot")
+        assert 0 <= logs["teacher_entropy"] <= 1 and 1 <= logs["feature_rank"] <= 32
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.05
+
+
+def test_teacher_is_the_exponential_moving_average_of_the_student():
+    model = SelfDistillation(_tiny_vit(), SSLRecipe(**TINY_SSL))
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(1.0)
+    before = [t.clone() for t in model.teacher.parameters()]
+    model.update_teacher(0.75)
+    for t, b, s in zip(model.teacher.parameters(), before, model.student.parameters()):
+        assert torch.allclose(t, 0.75 * b + 0.25 * s)
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+
+
+# ---------------------------------------------------------------- the foundation file
+
+
+def _pretrain(tmp_path, name, iters, **kwargs):
+    from dgss.demo import foundation_ssl
+
+    overrides = dict(batch_size=2, warmup_iters=1, threads=1, ssl=TINY_SSL)
+    return foundation_ssl.pretrain_ssl_foundation(tmp_path / name, iters=iters, progress=False, overrides=overrides,
+                                                  monitor_every=10_000, log=lambda line: None, **kwargs)
+
+
+@pytest.fixture
+def tiny_ssl_architecture(monkeypatch):
+    from dgss.demo import foundation_ssl
+
+    monkeypatch.setattr(foundation_ssl, "SSL_FOUNDATION", TINY)
+    monkeypatch.setattr(foundation_ssl, "dense_knn_probe", lambda vit, **kw: {"clean": 0.0})
+
+
+def test_pretraining_writes_a_label_free_manifest_and_resumes_bit_exactly(tmp_path, tiny_ssl_architecture):
+    from safetensors.torch import load_file
+
+    straight = _pretrain(tmp_path, "straight.safetensors", 4)
+    manifest = json.loads(straight.with_suffix(".json").read_text())
+    assert manifest["labels_used"] is False and manifest["objective"] == "dino_ibot"
+    assert manifest["pool"]["held_out_families"] == ["night"] and "night" not in manifest["pool"]["families"]
+    assert manifest["command"].startswith("dgss demo --pretrain-ssl") and manifest["pool"]["images_seen"] == 8
+    assert foundation_architecture(str(straight), {})["patch_size"] == 8
+
+    # 2 iterations, "killed", then resumed from the checkpoint: the same file as 4 straight
+    from dgss.demo import foundation_ssl
+
+    ckpt = tmp_path / "run.ckpt"
+    original = foundation_ssl._batch
+
+    def failing(it, batch_size):
+        if it == 3:
+            raise KeyboardInterrupt  # killed during iteration 3
+        return original(it, batch_size)
+
+    foundation_ssl._batch = failing
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _pretrain(tmp_path, "resumed.safetensors", 4, checkpoint=ckpt, checkpoint_every=2)
+    finally:
+        foundation_ssl._batch = original
+    assert ckpt.is_file() and torch.load(ckpt, weights_only=True)["iteration"] == 2
+    resumed = _pretrain(tmp_path, "resumed.safetensors", 4, checkpoint=ckpt, checkpoint_every=2)
+    a, b = load_file(straight), load_file(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not ckpt.exists()  # a finished run removes its checkpoint
+
+
+# ---------------------------------------------------------------- the world
+
+
+def test_testbed_classes_are_a_token_thick_at_the_median_and_the_dropped_ones_are_not():
+    """The label set's rule, measured: the thickest part of a class in an image (2 x the largest distance
+    to its border), median over images, at the evaluation size 128 x 256; a token is 8 px."""
+    thick = {c: [] for c in range(19)}
+    for seed in range(40):
+        _, label = generate("clean", seed)
+        for c in np.unique(label):
+            thick[c].append(2 * ndimage.distance_transform_edt(np.pad(label == c, 1)).max())
+    for train_id in range(19):
+        if TESTBED_OF_TRAIN_ID[train_id] != 255:
+            merged = [c for c in range(19) if TESTBED_OF_TRAIN_ID[c] == TESTBED_OF_TRAIN_ID[train_id]]
+            if len(merged) == 1:
+                assert np.median(thick[train_id]) >= 8, train_id
+        else:
+            assert np.median(thick[train_id]) < 8, train_id
+    assert len(TESTBED_CLASSES) == 11 == TESTBED_WORLD.num_classes
+    ds = SyntheticDataset(domain="clean", num_images=2, label_set="testbed", name="clean")
+    _, label = ds.load(0)
+    assert ds.classes == TESTBED_CLASSES and set(np.unique(label)) <= set(range(11)) | {255}
+
+
+def test_each_target_family_has_graded_severities():
+    def contrast(domain):
+        return np.mean([generate(domain, 10_000_000 + i)[0].std() for i in range(6)])
+
+    def brightness(domain):
+        return np.mean([generate(domain, 10_000_000 + i)[0].mean() for i in range(6)])
+
+    assert brightness("night-2") < brightness("night-1") < brightness("clean")
+    assert contrast("fog-2") < contrast("fog-1")
+    families = {d.rsplit("-", 1)[0] for d in TESTBED_WORLD.targets}
+    assert families == {"night", "fog", "rain", "colorshift"}
+    assert all(sum(t.startswith(f + "-") for t in TESTBED_WORLD.targets) >= 2 for f in families)
+    assert set(TESTBED_WORLD.validation) & set(TESTBED_WORLD.targets) == set()
+    assert set(TESTBED_WORLD.targets) | set(TESTBED_WORLD.validation) <= set(SEVERITY_STYLES)
+    # the same seed shares its layout (label map) across every graded domain
+    labels = [generate(d, 5)[1] for d in ("clean", *TESTBED_WORLD.targets)]
+    assert all(np.array_equal(labels[0], lab) for lab in labels[1:])
+
+
+# ---------------------------------------------------------------- the preconditions
+
+
+def _record(row, seed, source, targets, curve_targets=None, iters=100):
+    names = ("t1", "t2")
+    curve = [{"iteration": iters // 2, "miou": {"src": source, **dict(zip(names, curve_targets or targets))}},
+             {"iteration": iters, "miou": {"src": source, **dict(zip(names, targets))}}]
+    return {"row": row, "seed": seed, "trainable": 0, "curve": curve}
+
+
+def _hand_made(**changes):
+    """A results file by hand: frozen 60 on the source, targets 40/44 (mean 42); full +8 source."""
+    values = {
+        "frozen": [(60, (40, 44)), (61, (41, 45)), (59, (39, 43))],
+        "full": [(68, (36, 40)), (69.5, (37, 41)), (66.5, (35, 39))],
+        "lp-ft": [(67, (40, 44)), (68, (41, 45)), (66, (40, 44))],
+        "scratch": [(30, (10, 12)), (31, (11, 13)), (29, (9, 11))],
+        "frozen-2x": [(61, (40, 44))],
+        **changes,
+    }
+    return [_record(row, s, src, tg) for row, runs in values.items() for s, (src, tg) in enumerate(runs)]
+
+
+def test_preconditions_from_a_hand_made_results_file():
+    checks = preconditions(_hand_made(), "src", ("t1", "t2"))
+    assert checks["P1"]["value"] == pytest.approx(1.0) and checks["P1"]["pass"] is True  # 61 - 60, seed 0
+    # P2: full - frozen on the source: 8, 8.5, 7.5 -> mean 8, sd 0.5 -> 8 >= 5 and 8 >= 1.5
+    assert checks["P2"]["value"] == pytest.approx(8.0) and checks["P2"]["sd"] == pytest.approx(0.5)
+    assert checks["P2"]["pass"] is True
+    assert checks["P3"]["value"] == pytest.approx(60 - 42) and checks["P3"]["pass"] is True
+    # P4: the largest std over seeds of the target mean (frozen: 42, 43, 41 -> 1.0; lp-ft: 42, 43, 42)
+    assert checks["P4"]["value"] == pytest.approx(1.0) and checks["P4"]["pass"] is True
+    assert "scratch" not in checks["P4"]["per_row"]
+    # P5: lp-ft - full on the targets: 4, 4, 5 -> holds
+    assert checks["P5"]["best_row"] == "lp-ft" and checks["P5"]["value"] == pytest.approx(13 / 3)
+    assert checks["P5"]["pass"] is True
+    assert checks["P6"]["value"] == pytest.approx(42 - 11) and checks["P6"]["pass"] is True
+
+
+@pytest.mark.parametrize("change, failing", [
+    ({"frozen-2x": [(63, (40, 44))]}, "P1"),  # 3 points more when trained twice as long: unconverged
+    ({"full": [(62, (36, 40)), (63, (37, 41)), (64, (35, 39))]}, "P2"),  # +2, +2, +5: too little room
+    ({"frozen": [(50, (40, 44)), (51, (41, 45)), (49, (39, 43))], "frozen-2x": [(50, (40, 44))]}, "P3"),
+    ({"lp-ft": [(67, (40, 44)), (68, (44, 48)), (66, (40, 44))]}, "P4"),  # 42, 46, 42: sd 2.3
+])
+def test_a_failing_precondition_makes_every_verdict_not_interpretable(change, failing):
+    records = _hand_made(**change)
+    checks = preconditions(records, "src", ("t1", "t2"))
+    assert [k for k in GATING if not checks[k]["pass"]] == [failing]
+    summary = summarize(records, "src", ("t1", "t2"), gated=True)
+    assert summary["claims"] and all(c["verdict"] == f"not interpretable ({failing} fails)" for c in summary["claims"])
+    assert summarize(_hand_made(), "src", ("t1", "t2"), gated=True)["claims"][0]["verdict"] in ("holds", "contradicted")
+
+
+def test_missing_rows_count_as_failing_and_say_which():
+    checks = preconditions([r for r in _hand_made() if r["row"] != "frozen-2x"], "src", ("t1", "t2"))
+    assert checks["P1"]["pass"] is None and checks["P1"]["missing"] == ["frozen-2x"]
+
+
+def test_selection_bias_is_the_best_target_mean_minus_the_last():
+    records = [_record("rein", 0, 60, (40, 44), curve_targets=(44, 46)),  # 45 at the middle, 42 at the end
+               _record("rein", 1, 60, (40, 44), curve_targets=(38, 40))]  # best is the last: 0
+    bias = selection_bias(records, "src", ("t1", "t2"))
+    assert bias["rein"]["values"] == [pytest.approx(3.0), 0.0] and bias["rein"]["best_iteration"] == [50, 100]
+
+
+# ---------------------------------------------------------------- LP-FT and WiSE-FT
+
+
+def test_lp_ft_keeps_the_backbone_pretrained_while_probing():
+    from dgss.tuning.lpft import LPFT
+
+    class FakeBackbone:
+        model = torch.nn.Linear(2, 2)
+
+    method = LPFT(0.5)
+    method._backbone_ref[:] = [FakeBackbone()]
+
+    class Trainer:
+        total_iters = 10
+
+    method.on_train_iteration(4, Trainer())
+    assert not any(p.requires_grad for p in FakeBackbone.model.parameters())
+    method.on_train_iteration(5, Trainer())
+    assert all(p.requires_grad for p in FakeBackbone.model.parameters())
+    with pytest.raises(ValueError, match="probe_fraction"):
+        LPFT(1.0)
+
+
+@pytest.fixture
+def tiny_testbed_foundation(tmp_path):
+    from dgss.fileio import save_safetensors
+    from dgss.models.backbones import build_backbone
+
+    torch.manual_seed(3)
+    arch = dict(TINY, img_size=128, backbone_kwargs=dict(TINY["backbone_kwargs"], depth=3))  # soma tunes blocks 2+
+    backbone = build_backbone(arch["backbone"], img_size=128, patch_size=8, **arch["backbone_kwargs"])
+    path = tmp_path / "foundation.safetensors"
+    save_safetensors({k: v.contiguous() for k, v in backbone.model.state_dict().items()}, path,
+                     metadata={"architecture": json.dumps(arch)})
+    return str(path)
+
+
+def test_lp_ft_and_wise_ft_through_the_engine(tmp_path, tiny_testbed_foundation):
+    from safetensors.torch import load_file
+
+    from dgss.demo.benchmark import SMOKE_BUDGET, run_seeded
+
+    records = run_seeded(["lp-ft", "wise-ft", "soma-public"], [0], SMOKE_BUDGET, tmp_path / "bench", curve_points=1,
+                         weights=tiny_testbed_foundation, world=TESTBED_WORLD, log=lambda line: None)
+    assert [r["row"] for r in records] == ["lp-ft", "wise-ft", "soma-public"]
+    assert records[2]["config"]["method"]["soma"]["init"] == "public_code"
+    assert records[2]["config"]["train"]["ema"]["enabled"] is False
+    assert list(records[0]["curve"][-1]["miou"]) == list(TESTBED_WORLD.evaluated)
+    pretrained = load_file(tiny_testbed_foundation)
+    full = load_file(str(tmp_path / "bench/runs/full/seed0/model_final.safetensors"))
+    wise = load_file(str(tmp_path / "bench/runs/wise-ft/seed0/model_final.safetensors"))
+    key = "blocks.0.attn.qkv.weight"
+    full_key = next(k for k in full if k.endswith(key) and "backbone" in k)
+    assert not torch.equal(full[full_key], pretrained[key])  # full fine-tuning moved it
+    assert torch.allclose(wise[full_key], 0.5 * pretrained[key] + 0.5 * full[full_key], atol=1e-6)
+    head = next(k for k in full if k.startswith("head.") or ".head." in k)
+    assert torch.equal(wise[head], full[head])  # the fine-tuned head is kept
