@@ -98,6 +98,15 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+def file_sha256(path: PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def safetensors_checksum(tensors: dict, metadata: Optional[dict[str, str]] = None) -> str:
     """SHA-256 of the metadata entries (all but :data:`CHECKSUM_KEY`) and of every tensor's name,
     dtype, shape and bytes, in name order: what :func:`save_safetensors` stores and

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import shutil
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..config import config_differences, to_dict
+from ..fileio import file_sha256
 from ..tuning import METHODS as TUNING_METHODS
 from .run import DemoBudget, demo_config, pick_threads, run_method
 from .world import World
@@ -100,14 +100,6 @@ _RESUME_IGNORED = ("name", "output_dir", "train.progress_bar", "train.log_interv
 def clock(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _seeded_name(row: str, seed: int) -> str:
@@ -259,7 +251,7 @@ def _run_sequential(rows: Sequence[str], seeds: Sequence[int], *, budget: DemoBu
                     threads: Optional[int], curve_points: int, weights: str, targets, resume: bool, progress: bool,
                     quiet: bool, keep_fisher_scores: bool, run_name, on_run, log, world) -> dict:
     pick_threads(threads)
-    weights_sha256 = _sha256(weights)
+    weights_sha256 = file_sha256(weights)
     jobs = [(row, seed) for row in rows for seed in seeds]
     records, start, trained_seconds, trained = {}, time.time(), 0.0, 0
     for i, (row, seed) in enumerate(jobs):
@@ -319,9 +311,9 @@ def _derived_run(row: str, seed: int, base: dict, *, budget: DemoBudget, out_dir
     base_row, alpha = DERIVED_ROWS[row]
     cfg = _row_config(row, seed, budget=budget, out_dir=out_dir, device=device, curve_points=1, weights=weights,
                       targets=targets, run_name=run_name, world=world)
-    config = {**to_dict(cfg), "derived": {"from": base_row, "alpha": alpha, "base_sha256": _sha256(
+    config = {**to_dict(cfg), "derived": {"from": base_row, "alpha": alpha, "base_sha256": file_sha256(
         str(Path(base["run_dir"]) / FINAL_MODEL_NAME))}}
-    weights_sha256 = _sha256(weights)
+    weights_sha256 = file_sha256(weights)
     saved = _finished_record(cfg.run_dir / RESULT_FILE, config, weights_sha256) if resume else None
     if saved is not None:
         return {**saved, "skipped": True}

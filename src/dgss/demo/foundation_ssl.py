@@ -21,7 +21,6 @@ bit, and a run interrupted and resumed from its checkpoint ends bit-identical to
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -181,7 +180,7 @@ def pretrain_ssl_foundation(out: str | os.PathLike, *, iters: Optional[int] = No
     ``checkpoint_every`` iterations and resumed from when it exists (bit-exact)."""
     from tqdm import tqdm
 
-    from ..fileio import atomic_write, save_safetensors
+    from ..fileio import atomic_write, file_sha256, save_safetensors
 
     recipe, ssl = _recipe(dict(overrides or {}, **({"iters": int(iters)} if iters is not None else {})))
     if device == "cpu":
@@ -247,7 +246,7 @@ def pretrain_ssl_foundation(out: str | os.PathLike, *, iters: Optional[int] = No
     meta = {"command": ssl_pretrain_command(device=device), "architecture": json.dumps(SSL_FOUNDATION),
             "recipe": json.dumps(recipe), "objective": ssl.objective, "labels_used": "false"}
     path = save_safetensors(state, out, metadata=meta)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = file_sha256(path)
     info = {"file": path.name, "sha256": digest, "objective": ssl.objective,
             "objective_description": "DINO self-distillation on the class token + iBOT masked-patch distillation"
             if ssl.objective == "dino_ibot" else "DINO self-distillation on the class token",

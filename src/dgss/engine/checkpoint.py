@@ -43,7 +43,8 @@ from typing import Callable, Iterator, Optional, Union
 import numpy as np
 import torch
 
-from ..fileio import DamagedFileError, atomic_write, describe_load_error, is_out_of_space, remove_stale_temp_files
+from ..fileio import (DamagedFileError, atomic_write, describe_load_error, file_sha256, is_out_of_space,
+                      remove_stale_temp_files)
 from ..tuning.rein_checkpoint import ReinCheckpointError, load_segmentor_state, read_model_file, save_model_file
 
 __all__ = [
@@ -284,14 +285,6 @@ def _save_state(path: Path, state: dict) -> str:
     return digests[-1]
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_training_checkpoint(directory: PathLike, iteration: int, segmentor, cfg, state: dict, *,
                              fingerprint: Optional[str] = None, keep: int = 0) -> Path:
     """Write the checkpoint after ``iteration`` completed iterations, then point ``last`` at it and
@@ -402,7 +395,7 @@ def read_checkpoint(model_path: PathLike, state_path: Optional[PathLike] = None)
     if not state_path.is_file():
         raise DamagedCheckpointError(f"{model_path} has no training state next to it ({state_path} is missing)")
     expected = meta.get("state_sha256")
-    if expected is not None and _file_sha256(state_path) != expected:
+    if expected is not None and file_sha256(state_path) != expected:
         raise DamagedCheckpointError(f"{state_path} is damaged: its bytes do not match the checksum {model_path.name} "
                                      "records for it (flipped bits, a partial copy, or another checkpoint's state)")
     try:
