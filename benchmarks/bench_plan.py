@@ -2,6 +2,8 @@
 
     python benchmarks/bench_plan.py                     # every case below, about 30 minutes on 2 cores
     python benchmarks/bench_plan.py --cases dinov2_s/full --out /tmp/plan   # a subset
+    python benchmarks/bench_plan.py --table             # the planner's table of billion-scale configs
+    python benchmarks/bench_plan.py --selection         # FisherTune streamed vs dense selection, real sizes
 
 For each case the planner's per-process figure for a CPU run (``dgss plan --device cpu``: fp32, AdamW's
 per-tensor CPU step) is compared with what a fresh process really uses: its peak resident memory
@@ -225,16 +227,53 @@ def plan_table(backbones, methods) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------ the streamed estimate's selection at real size
+
+
+def selection_agreement(backbones=("dinov2_s", "dinov2_b", "dinov2_l")) -> list[dict]:
+    """FisherTune's streamed estimate against the dense fp32 reference at the backbones' real widths and
+    depths (crop 256, 2 batches of 2, the same seed): the Jaccard of the two selections."""
+    import torch
+
+    from dgss.config import load_config
+    from dgss.models.segmentor import build_segmentor
+    from dgss.tuning.fishertune.report import jaccard, selection_positions
+
+    rows = []
+    for backbone in backbones:
+        chosen = {}
+        for memory in ("dense", "streamed"):
+            torch.manual_seed(0)
+            cfg = load_config(None, [f"model.backbone={backbone}", "method.name=fishertune", "train.batch_size=2",
+                                     "data.crop_size=[256,256]", "model.img_size=256", *HEAD_256,
+                                     "method.fishertune.num_batches=2", f"method.fishertune.estimate_memory={memory}"])
+            model = build_segmentor(cfg).train()
+            stream = (_batch(cfg, 10 + i) for i in range(1000))
+            model.method.select(model.method.estimate(model, stream, seed=0), seed=0)
+            chosen[memory] = selection_positions(model.method)
+        rows.append({"backbone": backbone, "selected": int(chosen["dense"].numel()),
+                     "jaccard": jaccard(chosen["dense"], chosen["streamed"]),
+                     "identical": bool(torch.equal(chosen["dense"], chosen["streamed"]))})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
     parser.add_argument("--out", default="bench_plan_output", help="folder for plan.json and plan.md")
     parser.add_argument("--table", action="store_true",
                         help="print the planner's table of DINOv2-L/g, DINOv3-H+/7B x methods (no measurement)")
+    parser.add_argument("--selection", action="store_true",
+                        help="FisherTune's streamed selection against the dense reference at real sizes")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
         print(json.dumps(measure(args.measure)))
+        return 0
+    if args.selection:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "selection.json").write_text(json.dumps(selection_agreement(), indent=2))
         return 0
     if args.table:
         out = Path(args.out)

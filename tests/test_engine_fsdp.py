@@ -3,7 +3,7 @@ DDP step, save and resume through torch.distributed.checkpoint are exact, and a 
 plain model file that `dgss eval` and `dgss predict` read."""
 
 import torch
-from test_engine_support import run_python, tiny_config, weights
+from test_engine_support import KILL_AT_ITERATION, run_python, tiny_config, weights
 
 from dgss.engine import fsdp
 
@@ -19,21 +19,6 @@ def assert_same(expected: dict, actual: dict, *, exact: bool = False) -> None:
             torch.testing.assert_close(actual[key], value, rtol=0, atol=1e-5, msg=key)
 
 
-def test_a_sharded_step_equals_the_ddp_step_and_the_final_model_is_a_plain_file(tmp_path):
-    # full fine-tuning: every backbone block is an FSDP unit; two steps, so AdamW's state is used too
-    common = dict(iters=2, batch_size=1, clip_grad=1.0)
-    ddp = tiny_config(tmp_path, "ddp", parallel="ddp", **common)
-    sharded = tiny_config(tmp_path, "fsdp", parallel="fsdp", **common)
-    for path in (ddp, sharded):
-        run = run_python(*TORCHRUN, "-m", "dgss", "train", str(path))
-        assert run.returncode == 0, run.stderr
-    expected = weights(tmp_path / "runs/ddp/model_final.safetensors")
-    actual = weights(tmp_path / "runs/fsdp/model_final.safetensors")  # gathered to rank 0, unsharded
-    assert_same(expected, actual)
-    before = build_reference(tmp_path)
-    assert not torch.equal(actual["backbone.model.blocks.0.attn.qkv.weight"], before["backbone.model.blocks.0.attn.qkv.weight"])
-
-
 def build_reference(tmp_path) -> dict:
     """The initial weights of the tiny config (train.seed 0): what training started from."""
     from dgss.config import load_config
@@ -44,31 +29,20 @@ def build_reference(tmp_path) -> dict:
     return build_segmentor(load_config(tmp_path / "ddp.yaml")).state_dict()
 
 
-# Under torchrun: SIGKILL this process right before the given 0-based iteration's step (no cleanup).
-KILL_AT_ITERATION = """
-import os, signal, sys
-from dgss.cli import main
-from dgss.engine.trainer import Trainer
+def test_fsdp_steps_equal_ddp_resume_is_exact_and_a_checkpoint_converts_for_eval_and_predict(tmp_path):
+    # full fine-tuning (every backbone block an FSDP unit), gradient clipping, 4 steps with AdamW's state
+    common = dict(method="full", iters=4, batch_size=1, clip_grad=1.0, checkpoint_interval=2, keep_checkpoints=1)
+    ddp = tiny_config(tmp_path, "ddp", parallel="ddp", **common)
+    straight = tiny_config(tmp_path, "straight", parallel="fsdp", **common)
+    killed = tiny_config(tmp_path, "killed", parallel="fsdp", **common)
+    for path in (ddp, straight):
+        done = run_python(*TORCHRUN, "-m", "dgss", "train", str(path))
+        assert done.returncode == 0, done.stderr
+    final = weights(tmp_path / "runs/straight/model_final.safetensors")  # gathered to rank 0, unsharded
+    assert_same(weights(tmp_path / "runs/ddp/model_final.safetensors"), final)
+    start = build_reference(tmp_path)
+    assert not torch.equal(final["backbone.model.blocks.0.attn.qkv.weight"], start["backbone.model.blocks.0.attn.qkv.weight"])
 
-kill_at = int(sys.argv[1])
-original = Trainer.train_step
-
-def train_step(self, iteration):
-    if iteration == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return original(self, iteration)
-
-Trainer.train_step = train_step
-sys.exit(main(["train", *sys.argv[2:]]))
-"""
-
-
-def test_fsdp_resume_is_exact_and_a_checkpoint_converts_to_a_model_file_for_eval_and_predict(tmp_path):
-    common = dict(method="full", parallel="fsdp", iters=4, batch_size=1, checkpoint_interval=2, keep_checkpoints=1)
-    straight = tiny_config(tmp_path, "straight", **common)
-    killed = tiny_config(tmp_path, "killed", **common)
-    done = run_python(*TORCHRUN, "-m", "dgss", "train", str(straight))
-    assert done.returncode == 0, done.stderr
     script = tmp_path / "kill.py"
     script.write_text(KILL_AT_ITERATION)
     died = run_python(*TORCHRUN, str(script), "2", str(killed))
@@ -82,7 +56,6 @@ def test_fsdp_resume_is_exact_and_a_checkpoint_converts_to_a_model_file_for_eval
     resumed = run_python(*TORCHRUN, "-m", "dgss", "train", str(killed), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed at iteration 2" in resumed.stdout
-    final = weights(tmp_path / "runs/straight/model_final.safetensors")
     assert_same(final, weights(tmp_path / "runs/killed/model_final.safetensors"), exact=True)
     # keep_checkpoints=1 pruned iteration 2 when iteration 4 was written
     assert sorted(p.name for p in (tmp_path / "runs/straight/checkpoints").iterdir()) == [

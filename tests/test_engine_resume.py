@@ -6,28 +6,9 @@ import signal
 
 import torch
 from safetensors import safe_open
-from test_engine_support import backbone_weights_file, run_python, tiny_config, weights
+from test_engine_support import KILL_AT_ITERATION, backbone_weights_file, run_python, tiny_config, weights
 
 from dgss.engine.checkpoint import load_training_state, resolve_checkpoint
-
-# Runs `dgss train CONFIG ARGS...` in this process after making the trainer kill its own process
-# (SIGKILL: no cleanup, no flush) right before the given 0-based iteration's step.
-KILL_AT_ITERATION = """
-import os, signal, sys
-from dgss.cli import main
-from dgss.engine.trainer import Trainer
-
-kill_at = int(sys.argv[1])
-original = Trainer.train_step
-
-def train_step(self, iteration):
-    if iteration == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return original(self, iteration)
-
-Trainer.train_step = train_step
-sys.exit(main(["train", *sys.argv[2:]]))
-"""
 
 # Kills the process half-way through writing the training state of the second checkpoint.
 KILL_WHILE_SAVING = """

@@ -69,6 +69,26 @@ def run_python(*args, timeout=300):
                           env=subprocess_env())
 
 
+# Runs `dgss train CONFIG ARGS...` (under torchrun too) after making the trainer kill its own process
+# (SIGKILL: no cleanup, no flush) right before the given 0-based iteration's step.
+KILL_AT_ITERATION = """
+import os, signal, sys
+from dgss.cli import main
+from dgss.engine.trainer import Trainer
+
+kill_at = int(sys.argv[1])
+original = Trainer.train_step
+
+def train_step(self, iteration):
+    if iteration == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, iteration)
+
+Trainer.train_step = train_step
+sys.exit(main(["train", *sys.argv[2:]]))
+"""
+
+
 def weights(path):
     return load_file(str(path))
 

@@ -2,6 +2,8 @@
 with a running top-k; the same sums, the same scores and the same selection as the dense fp32 reference
 on every backbone family dgss builds (tiny), with less memory."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,7 @@ from dgss.config import load_config
 from dgss.data.synthetic import generate
 from dgss.models.segmentor import build_segmentor
 from dgss.tuning.fishertune.drfim import DomainRelatedFisher, DRFIMOptions, selection_scores, threshold_scale
-from dgss.tuning.fishertune.fisher import functional_loss, squared_gradient_sums
+from dgss.tuning.fishertune.fisher import squared_gradient_sums
 from dgss.tuning.fishertune.report import jaccard, selection_positions
 from dgss.tuning.fishertune.selection import rank_top_entries, rerank_inactive
 from dgss.tuning.fishertune.streaming import RunningTopK, ScoreList, TensorScores, streamed_top_entries
@@ -71,7 +73,7 @@ def test_tensor_scores_are_the_dense_scores(variational, mode, normalization):
         if variational or mode == "fisher":  # no float64 mean involved: the same arithmetic, the same bits
             assert torch.equal(lazy[name], values), name
     if mode == "drfim":
-        from dgss.tuning.fishertune.drfim import domain_scores, task_scores
+        from dgss.tuning.fishertune.drfim import task_scores
         assert lazy.task_unit == threshold_scale(task_scores(estimate, normalization), 0.1)
 
 
@@ -174,3 +176,35 @@ def test_a_selection_file_loads_into_the_model_it_was_written_for_only(tmp_path)
         read_selection_file(smaller.method, written["selection"])
     with pytest.raises(ValueError, match="not found"):
         read_selection_file(other.method, tmp_path / "missing.safetensors")
+
+
+DISTRIBUTED_ESTIMATE = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[2])
+from test_fishertune_streaming import fishertune_model, synthetic_batches
+from dgss.tuning.fishertune.report import selection_positions
+
+dist.init_process_group("gloo")
+rank, out = dist.get_rank(), {}
+for memory in ("dense", "streamed"):
+    model = fishertune_model("dinov2_s", memory)  # the same weights on both processes
+    model.method.select(model.method.estimate(model, synthetic_batches(seed=1000 * rank), seed=0), seed=0)
+    out[memory] = selection_positions(model.method)
+if rank == 0:
+    torch.save(out, sys.argv[1])
+dist.destroy_process_group()
+"""
+
+
+def test_under_torch_distributed_the_streamed_estimate_selects_what_the_dense_one_selects(tmp_path):
+    # streamed: each process keeps its own sums, reduced tensor by tensor where they are read
+    from test_engine_support import run_python
+
+    script, result = tmp_path / "estimate.py", tmp_path / "selections.pt"
+    script.write_text(DISTRIBUTED_ESTIMATE)
+    run = run_python("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+                     str(result), str(Path(__file__).parent))
+    assert run.returncode == 0, run.stderr
+    selections = torch.load(result, weights_only=True)
+    assert selections["dense"].numel() == selections["streamed"].numel() > 0
+    assert jaccard(selections["dense"], selections["streamed"]) >= 0.99

@@ -12,7 +12,7 @@ import torch
 from dgss.cli import main
 from dgss.config import load_config
 from dgss.engine.memory_plan import GIB, Planner, parse_memory, plan_memory, usable_memory
-from dgss.engine.memory_probe import (EmulatedAutocast, LiveBytes, Peak, StepPeaks, probe_estimate_pass,
+from dgss.engine.memory_probe import (EmulatedAutocast, LiveBytes, probe_estimate_pass,
                                       probe_training_step)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +145,8 @@ def test_dgss_plan_command_prints_the_table_and_json(tmp_path, capsys):
     assert "weights and buffers" in text and "fits" in text and "variants" in text
     assert main([*args, "--json", "--gpus", "8", "--gpu-memory", "0.01GB"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["fits"] is False and data["total_bytes"] > 0 and data["gpus"] == 8 and data["change"]
+    assert data["fits"] is False and data["total_bytes"] > 0 and data["gpus"] == 8
+    assert data["change"] and "estimate" not in data["change"]  # Rein has none
     assert len(data["variants"]) == 8  # fp32/bf16 x checkpointing x DDP/FSDP
     assert main([*args, "--gpu-memory", "lots"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
@@ -164,3 +165,12 @@ def test_planning_dinov3_7b_fishertune_reads_no_weights_and_allocates_no_model(c
     assert plan.estimate_peak < usable_memory(parse_memory("141GB")) and plan.fits  # the estimate fits one H200
     on_80 = plan_memory(cfg, gpu_memory=parse_memory("80GB"), variants=False, planner=planner)
     assert on_80.fits is False and "estimate alone" in on_80.change
+
+
+def test_probes_in_a_process_pool_give_what_they_give_in_this_process():
+    cfg = tiny("fishertune", 6)
+    keys = [("step", "none", False, 2), ("step", "none", True, 2), ("estimate",)]
+    pooled, here = Planner(cfg), Planner(cfg)
+    pooled.prefetch(keys, workers=2)
+    here.prefetch(keys, workers=1)
+    assert pooled._probes == here._probes and len(here._probes) == 3

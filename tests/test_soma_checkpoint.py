@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_engine_support import TINY_M2F, tiny_config
+from test_engine_support import tiny_config
 
 from conftest import TINY_VIT
 import dgss

@@ -143,15 +143,16 @@ def tiny_ssl_architecture(monkeypatch):
 def test_pretraining_writes_a_label_free_manifest_and_resumes_bit_exactly(tmp_path, tiny_ssl_architecture):
     from safetensors.torch import load_file
 
+    from dgss.demo import foundation_ssl
+
     straight = _pretrain(tmp_path, "straight.safetensors", 4)
     manifest = json.loads(straight.with_suffix(".json").read_text())
-    assert manifest["labels_used"] is False and manifest["objective"] == "dino_ibot"
+    assert manifest["labels_used"] is False and manifest["objective"] == foundation_ssl.PRETRAIN_SSL["ssl"]["objective"]
     assert manifest["pool"]["held_out_families"] == ["night"] and "night" not in manifest["pool"]["families"]
     assert manifest["command"].startswith("dgss demo --pretrain-ssl") and manifest["pool"]["images_seen"] == 8
     assert foundation_architecture(str(straight), {})["patch_size"] == 8
 
     # 2 iterations, "killed", then resumed from the checkpoint: the same file as 4 straight
-    from dgss.demo import foundation_ssl
 
     ckpt = tmp_path / "run.ckpt"
     original = foundation_ssl._batch

@@ -251,8 +251,8 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
                         help="instead of the demo: pretrain the foundation ViT as the shipped file was made, "
                         "and write it to OUT")
     parser.add_argument("--pretrain-ssl", metavar="OUT",
-                        help="instead of the demo: pretrain the DG testbed's label-free foundation ViT (DINO + "
-                        "iBOT on the unlabeled pool) as the shipped file was made, write OUT and its manifest "
+                        help="instead of the demo: pretrain the DG testbed's label-free foundation ViT (DINO "
+                        "self-distillation on the unlabeled pool, no labels) as the shipped file was made, write OUT and its manifest "
                         "(OUT with .json); resumable from OUT.ckpt")
     parser.add_argument("--device", default="cpu", help="with --pretrain-ssl: cpu (default) or cuda")
     parser.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")

@@ -55,7 +55,7 @@ def format_plan(plan: MemoryPlan, planner: Planner, cfg, source: str = "") -> st
     lines.append(f"  total                {_gib(plan.total_bytes)}")
     if plan.gpu_memory is not None:
         verdict = "fits" if plan.fits else "does NOT fit"
-        lines.append(f"on {plan.gpus} x {plan.gpu_memory / GIB:.0f} GB GPU(s) (usable "
+        lines.append(f"on {plan.gpus} x {plan.gpu_memory / GIB:g} GB GPU(s) (usable "
                      f"{usable_memory(plan.gpu_memory) / GIB:.1f} GiB each): {verdict}")
         if plan.change:
             lines.append(f"smallest change that fits: {plan.change}")

@@ -132,17 +132,16 @@ def read_training_state(path) -> dict:
     return load_training_state(path)
 
 
-def load_sharded(folder, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> None:
-    """Load a ``.dcp`` checkpoint into a sharded model (and optimizer), resharding as needed."""
+def load_sharded(folder, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a ``.dcp`` checkpoint into a sharded model and its optimizer, resharding as needed."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     from .checkpoint import CheckpointError
 
-    model_state, optim_state = get_state_dict(model, optimizer) if optimizer is not None else (
-        get_state_dict(model, [])[0], None)
-    target = {"model": model_state} if optimizer is None else {"model": model_state, "optimizer": optim_state}
+    model_state, optim_state = get_state_dict(model, optimizer)
+    target = {"model": model_state, "optimizer": optim_state}
     # partial: AdamW state exists only for tensors that got a gradient (a ViT's unused final norm has none),
     # while the state dict of a fresh optimizer has zero state for every trainable tensor
     planner = DefaultLoadPlanner(allow_partial_load=True)
@@ -151,10 +150,7 @@ def load_sharded(folder, model: torch.nn.Module, optimizer: Optional[torch.optim
     except Exception as err:  # noqa: BLE001 - named with the folder, one line
         raise CheckpointError(f"cannot load FSDP checkpoint {folder}: {type(err).__name__}: "
                               f"{str(err).splitlines()[0] if str(err) else ''}") from err
-    if optimizer is None:
-        set_state_dict(model, [], model_state_dict=model_state, optim_state_dict={})
-    else:
-        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
 
 
 def gathered_state_dict(model: torch.nn.Module) -> dict:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -99,6 +100,22 @@ class MemoryPlan:
         out.update(total_bytes=self.total_bytes, fits=self.fits, estimate_peak=self.estimate_peak,
                    usable_bytes=None if self.gpu_memory is None else usable_memory(self.gpu_memory))
         return out
+
+
+def _probe(kind: str, cfg, amp: str, target: str) -> StepPeaks:
+    """One probe (a function of its own so that a process pool can run it)."""
+    if kind == "step":
+        return probe_training_step(cfg, amp=amp, target=target)
+    return probe_estimate_pass(cfg, target=target)
+
+
+def _workers(jobs: int) -> int:
+    """Processes for ``jobs`` probes: DGSS_PLAN_WORKERS, else the cores but one (at most 8), 1 on 2 cores."""
+    value = os.environ.get("DGSS_PLAN_WORKERS")
+    if value:
+        return max(1, min(int(value), jobs))
+    cores = os.cpu_count() or 1
+    return 1 if cores <= 2 else max(1, min(cores - 1, 8, jobs))
 
 
 def _fit(points: list[tuple[tuple[int, int], StepPeaks]], target: tuple[int, int]) -> StepPeaks:
@@ -191,23 +208,46 @@ class Planner:
             return [(0, tuned), (0, tuned + 1)], target
         return [(frozen, tuned), (frozen, tuned + 1), (frozen + 1, tuned)], target
 
+    def prefetch(self, keys: list[tuple], workers: Optional[int] = None) -> None:
+        """Run the probes of ``keys`` (("step", amp, checkpointing, batch) or ("estimate",)) not run yet,
+        in parallel processes when the machine has cores to spare (``DGSS_PLAN_WORKERS`` sets how many)."""
+        shapes, target = self._shapes()
+        jobs = []
+        for key in dict.fromkeys(keys):
+            if key in self._probes:
+                continue
+            for shape in shapes:
+                if key[0] == "step":
+                    jobs.append((key, shape, "step", self._small(*shape, grad_checkpointing=key[2], batch_size=key[3]),
+                                 key[1]))
+                else:
+                    jobs.append((key, shape, "estimate", self._small(*shape, grad_checkpointing=False), "none"))
+        if not jobs:
+            return
+        workers = _workers(len(jobs)) if workers is None else workers
+        args = ([j[2] for j in jobs], [j[3] for j in jobs], [j[4] for j in jobs], [self.device] * len(jobs))
+        if workers > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                results = list(pool.map(_probe, *args))
+        else:
+            results = [_probe(*a) for a in zip(*args)]
+        points: dict = {}
+        for (key, shape, *_), peaks in zip(jobs, results):
+            points.setdefault(key, []).append((shape, peaks))
+        for key, found in points.items():
+            self._probes[key] = _fit(found, target)
+
     def step_peaks(self, amp: str, grad_checkpointing: bool, batch_size: int) -> StepPeaks:
         key = ("step", amp, grad_checkpointing, batch_size)
-        if key not in self._probes:
-            shapes, target = self._shapes()
-            points = [(s, probe_training_step(self._small(*s, grad_checkpointing=grad_checkpointing,
-                                                          batch_size=batch_size), amp=amp, target=self.device))
-                      for s in shapes]
-            self._probes[key] = _fit(points, target)
+        self.prefetch([key], workers=1)
         return self._probes[key]
 
     def estimate_pass(self) -> StepPeaks:
-        if "estimate" not in self._probes:
-            shapes, target = self._shapes()
-            points = [(s, probe_estimate_pass(self._small(*s, grad_checkpointing=False), target=self.device))
-                      for s in shapes]
-            self._probes["estimate"] = _fit(points, target)
-        return self._probes["estimate"]
+        self.prefetch([("estimate",)], workers=1)
+        return self._probes[("estimate",)]
 
     # ------------------------------------------------------------------ plans
 
@@ -242,12 +282,13 @@ class Planner:
         plan = MemoryPlan(amp, ckpt, parallel, gpus, batch, weights, grads_at_peak, optimizer, activations,
                           communication, transient, training, gpu_memory=gpu_memory)
         if self.fishertune is not None:
-            plan.estimate = self.estimate_plan(gpus)
+            plan.estimate = self.estimate_plan(gpus if parallel == "ddp" else 1)
         return plan
 
     def estimate_plan(self, gpus: int) -> dict:
-        """FisherTune's stage-2 peak: weights, the head's AdamW state and last gradients, then the larger
-        of the estimation passes and the selection."""
+        """FisherTune's stage-2 peak: weights, the head's AdamW state and last gradients, then the largest
+        of the estimation passes, the data scale and the selection. Under FSDP the estimate is not sharded:
+        it runs in one process (``dgss fisher``), planned with ``gpus=1``."""
         ft, cfg = self.fishertune, self.cfg.method.fishertune
         n, k = ft["eligible"], ft["capacity"]
         base = self.param_bytes + self.buffer_bytes + 3 * self.head_grad_bytes
@@ -300,6 +341,10 @@ def plan_memory(cfg, *, gpus: int = 1, gpu_memory: Optional[int] = None, device:
     if gpus < 1:
         raise ValueError(f"--gpus must be at least 1, got {gpus}")
     planner = planner or Planner(cfg, device=device)
+    amps = ("none", "bf16") if (variants and device != "cpu") else (cfg.train.amp if device != "cpu" else "none",)
+    ckpts = (False, True) if variants else (cfg.train.grad_checkpointing,)
+    keys = [("step", a, c, cfg.train.batch_size) for a in amps for c in ckpts]
+    planner.prefetch(keys + ([("estimate",)] if planner.fishertune is not None else []))  # in parallel where it can
     plan = planner.plan(gpus=gpus, gpu_memory=gpu_memory)
     if variants:
         for amp in (("none", "bf16") if device != "cpu" else ("none",)):
@@ -309,7 +354,7 @@ def plan_memory(cfg, *, gpus: int = 1, gpu_memory: Optional[int] = None, device:
                     plan.variants.append({"amp": amp, "grad_checkpointing": ckpt, "parallel": parallel,
                                           "training_peak": v.training_peak, "estimate_peak": v.estimate_peak,
                                           "total_bytes": v.total_bytes, "fits": v.fits})
-    if plan.fits is False and plan.estimate_peak > usable_memory(gpu_memory):
+    if plan.fits is False and plan.estimate and plan.estimate_peak > usable_memory(gpu_memory):
         # the estimate runs unsharded in fp32 without checkpointing: only a larger GPU helps
         plan.change = (f"FisherTune's estimate alone needs {plan.estimate_peak / GIB:.1f} GiB per process: a GPU with at "
                        f"least {(plan.estimate_peak / 0.95) / GIB:.0f} GB (or method.fishertune.eligible on fewer tensors)")

@@ -12,13 +12,15 @@ backbone is alive) and after it (the backbone's backward: activations freed bloc
 gradients arrive). Each phase's peak grows linearly with the number of blocks, so two shallow probes
 give it at any depth; their maximum is the step's peak.
 
-Three things a meta run cannot do are replaced: attention runs the target device's fused kernel
-(:class:`FusedAttention`; on meta it would take the math path and keep every attention matrix); Hungarian matching (it needs values) assigns every
-query-class pair of the first min(Q, K) classes, the most masks any label map can give (the matching
-costs are still computed, as they are alive at the loss); and CUDA's autocast, which dispatches on
-CUDA tensors only, is emulated for bf16 by :class:`EmulatedAutocast` with CUDA's cast policy (matrix
-products and convolutions in bf16, with trainable weights cast once per step; norms, softmax,
-reductions and losses in fp32): what it saves for backward is what autocast saves.
+Three things a meta run would do differently are replaced. Attention runs the target device's fused
+kernel (:class:`FusedAttention`; on meta PyTorch takes the math path, which keeps every attention
+matrix). Hungarian matching (it needs values) assigns every query-class pair of the first min(Q, K)
+classes, the most masks any label map can give (the matching costs are still computed: they are alive
+at the loss). CUDA's autocast, which dispatches on CUDA tensors only, is emulated for bf16 by
+:class:`EmulatedAutocast` with CUDA's cast policy (matrix products and convolutions in bf16, casts of
+trainable leaves kept for the step; norms, softmax, reductions and losses in fp32), so what is saved for
+backward is what autocast saves. Memory a kernel allocates inside itself and frees before it returns is
+not seen (on a CPU about 50 MB of a process's peak, docs/benchmarks.md section 6).
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["Peak", "StepPeaks", "LiveBytes", "EmulatedAutocast", "FusedAttention", "planning_matcher", "prepare_method",
-           "probe_training_step", "probe_estimate_pass"]
+__all__ = ["Peak", "StepPeaks", "LiveBytes", "EmulatedAutocast", "FusedAttention", "planning_matcher",
+           "prepare_method", "probe_training_step", "probe_estimate_pass"]
 
 
 @dataclass(frozen=True)

@@ -52,12 +52,10 @@ docs/benchmarks.md, "FisherTune's ranking"):
 Nothing depends on the dataset size (the paper's N_eff is absorbed into gamma), on the loss scale
 (every term is a ratio of Fishers) or, with per-sample Fisher, on the estimation batch size.
 
-Memory (``estimate_memory="streamed"``, the default): the passes
-square each tensor's gradient into its sum as soon as it exists (:mod:`.fisher`), and under
-torch.distributed each process keeps the sums of its own passes, reduced tensor by tensor where they
-are read, so no process holds a second model-sized buffer. The scores are then never materialised
-for all tensors at once (:mod:`.streaming`). What stays is the weights, the two sums (F for x and x')
-and the sampled theta: 16 bytes per eligible entry in fp32 (docs/benchmarks.md, "Memory planner").
+Memory (``estimate_memory="streamed"``, the default): gradients go into their sums tensor by tensor
+(:mod:`.fisher`); under torch.distributed each process keeps its own sums, reduced tensor by tensor where
+read; scores and quantiles never exist for all tensors at once (:mod:`.streaming`). What stays is the
+weights, the two sums and theta: 16 bytes per eligible entry (docs/benchmarks.md, section 6).
 """
 
 from __future__ import annotations
@@ -69,7 +67,8 @@ from typing import Callable, Iterator, Literal, Optional
 import torch
 import torch.distributed as dist
 
-from .fisher import all_reduce_sums, batch_size_of, squared_gradient_sums
+from .fisher import (all_reduce_count, all_reduce_sums, batch_size_of, is_distributed, reduced_copy,
+                     squared_gradient_sums)
 
 __all__ = [
     "shift_weight",
@@ -216,10 +215,6 @@ class FisherEstimate:
         return dominated / sum(f.numel() for f in self.fisher_x.values())
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 # forward_loss(params, batch, shifted) -> scalar: the loss with ``params`` in place, on x or on x'.
 ShiftedForwardLoss = Callable[[dict[str, torch.Tensor], dict, bool], torch.Tensor]
 
@@ -248,7 +243,7 @@ class DomainRelatedFisher:
     def _add_fisher(self, params, batch: dict, shifted: bool, sums: dict[str, torch.Tensor]) -> int:
         """Add one batch's squared gradients (per sample, or x B per batch), summed over every process,
         to the running ``sums``; returns how many per-sample estimates they stand for."""
-        distributed = _distributed()
+        distributed = is_distributed()
         streamed = self.options.streamed
         # Under torch.distributed the batch's sums are reduced on their own (the running sums are the
         # same on every process already); alone, or streamed (each process keeps its own sums, reduced
@@ -257,10 +252,8 @@ class DomainRelatedFisher:
         _, count = squared_gradient_sums(lambda p, b: self.forward_loss(p, b, shifted), params, [batch],
                                          per_sample=self.options.per_sample, sums=target, streamed=streamed)
         self.passes += batch_size_of(batch) if self.options.per_sample else 1
-        if distributed and streamed:  # the count only (on the sums' device: NCCL reduces no host tensor)
-            total = torch.tensor([count], dtype=torch.float64, device=next(iter(sums.values())).device)
-            dist.all_reduce(total)
-            return int(total.item())
+        if distributed and streamed:  # the count only
+            return all_reduce_count(count, next(iter(sums.values())).device)
         if distributed:
             count = all_reduce_sums(target, count)
             for name, value in target.items():
@@ -268,13 +261,8 @@ class DomainRelatedFisher:
         return count
 
     def _global(self, local: torch.Tensor) -> torch.Tensor:
-        """A running sum over every process: itself, or (streamed, distributed) a reduced copy of this
-        process's sum (one tensor at a time)."""
-        if not (self.options.streamed and _distributed()):
-            return local
-        total = local.clone()
-        dist.all_reduce(total)
-        return total
+        """A running sum over every process: itself, or (streamed, distributed) a reduced copy of it."""
+        return reduced_copy(local) if self.options.streamed and is_distributed() else local
 
     def estimate(self, batches: Iterator[dict], num_batches: int, *, with_shift: bool = True) -> FisherEstimate:
         """Draw ``num_batches`` batches from ``batches`` and estimate (each batch seen as x and, with the
@@ -315,7 +303,7 @@ class DomainRelatedFisher:
                 self.progress(done)
         if count_x == 0 or (with_shift and count_s == 0):
             raise FloatingPointError("FisherTune: every Fisher batch had a non-finite gradient")
-        if self.options.streamed and _distributed():  # every process's own passes, summed in place
+        if self.options.streamed and is_distributed():  # every process's own passes, summed in place
             for sums in (sums_x, sums_s or {}):
                 for tensor in sums.values():
                     dist.all_reduce(tensor)
@@ -335,16 +323,13 @@ class DomainRelatedFisher:
             return values[values > 0] / (prior[name] * count)
 
         def overall():
+            if all(positive(n).numel() == 0 for n in sums):
+                raise FloatingPointError("FisherTune: every eligible entry has a zero Fisher (no gradient reaches them)")
             if self.options.streamed:  # the same quantile without concatenating every entry (.streaming)
                 from .streaming import streamed_quantile
 
-                if sum(int((sums[n] > 0).sum()) for n in sums) == 0:
-                    raise FloatingPointError("FisherTune: every eligible entry has a zero Fisher (no gradient reaches them)")
                 return streamed_quantile(lambda: (positive(n) for n in sums), q)
-            flat = torch.cat([positive(n) for n in sums])
-            if flat.numel() == 0:
-                raise FloatingPointError("FisherTune: every eligible entry has a zero Fisher (no gradient reaches them)")
-            return large_quantile(flat, q)
+            return large_quantile(torch.cat([positive(n) for n in sums]), q)
 
         if self.options.normalization == "global":
             value = overall()

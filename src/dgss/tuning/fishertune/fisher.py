@@ -32,7 +32,8 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["batch_size_of", "split_per_sample", "squared_gradient_sums", "all_reduce_sums", "functional_loss"]
+__all__ = ["batch_size_of", "split_per_sample", "squared_gradient_sums", "all_reduce_sums", "functional_loss",
+           "is_distributed", "all_reduce_count", "reduced_copy"]
 
 ForwardLoss = Callable[[dict[str, torch.Tensor], dict], torch.Tensor]
 
@@ -149,6 +150,24 @@ def all_reduce_sums(sums: dict[str, torch.Tensor], count: int) -> int:
     total = torch.tensor([count], dtype=torch.float64, device=device)
     dist.all_reduce(total)
     return int(total.item())
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_count(count: int, device: torch.device) -> int:
+    """A count summed over every process (a tensor on ``device``: NCCL reduces no host tensor)."""
+    total = torch.tensor([count], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def reduced_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over every process, as a new tensor."""
+    total = tensor.clone()
+    dist.all_reduce(total)
+    return total
 
 
 def functional_loss(module: torch.nn.Module, prefix: str, loss_fn: Callable) -> ForwardLoss:
