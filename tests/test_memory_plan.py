@@ -103,6 +103,10 @@ def test_plan_arithmetic_ddp_fsdp_and_the_verdict():
     fsdp = planner.plan(gpus=8, parallel="fsdp")
     assert fsdp.optimizer == -(-2 * planner.grad_bytes // 8) and fsdp.weights < single.weights
     assert planner.plan(gpus=1, parallel="fsdp").parallel == "ddp"  # one process: nothing to shard
+    # the weight EMA: one more copy of the trained tensors (for full fine-tuning, every parameter)
+    with_ema = Planner(tiny("full", 4, "train.ema.enabled=true")).plan()
+    assert single.ema == 0 and with_ema.ema == planner.grad_bytes == params
+    assert with_ema.training_peak == single.training_peak + params
     # the verdict and the smallest change
     tight = plan_memory(cfg, gpu_memory=single.total_bytes * 21 // 20 + GIB, planner=planner)
     assert tight.fits and tight.change is None and len(tight.variants) == 4

@@ -45,6 +45,8 @@ def format_plan(plan: MemoryPlan, planner: Planner, cfg, source: str = "") -> st
                      + ("(DDP buckets)" if plan.parallel == "ddp" else "(FSDP: unsharded root, 2 gathered blocks)"))
     if plan.optimizer_step:
         lines.append(f"  optimizer step       {_gib(plan.optimizer_step)}   (foreach AdamW temporary: the step is the peak)")
+    if plan.ema:
+        lines.append(f"  weight EMA           {_gib(plan.ema)}   (train.ema: a copy of the trained tensors)")
     lines.append(f"  training peak        {_gib(plan.training_peak)}")
     if plan.estimate:
         e = plan.estimate

@@ -78,6 +78,7 @@ class MemoryPlan:
     communication: int  # DDP buckets, or FSDP's gathered blocks and unsharded gradients
     optimizer_step: int  # foreach AdamW's temporary (part of the peak when the step is the peak)
     training_peak: int
+    ema: int = 0  # train.ema: one copy of the trained tensors (dgss.engine.ema), part of training_peak
     estimate: dict = field(default_factory=dict)  # FisherTune's stage 2: parts and "peak"; {} otherwise
     gpu_memory: Optional[int] = None
     change: Optional[str] = None
@@ -278,9 +279,11 @@ class Planner:
             grads_at_peak, activations = -(-self.grad_bytes // shards), 0
         else:
             transient = 0
-        training = weights + optimizer + communication + grads_at_peak + activations + transient
+        # the weight EMA keeps one copy of every trained tensor in its dtype on every process (refused under FSDP)
+        ema = self.grad_bytes if self.cfg.train.ema.enabled else 0
+        training = weights + optimizer + communication + grads_at_peak + activations + transient + ema
         plan = MemoryPlan(amp, ckpt, parallel, gpus, batch, weights, grads_at_peak, optimizer, activations,
-                          communication, transient, training, gpu_memory=gpu_memory)
+                          communication, transient, training, ema=ema, gpu_memory=gpu_memory)
         if self.fishertune is not None:
             plan.estimate = self.estimate_plan(gpus if parallel == "ddp" else 1)
         return plan
