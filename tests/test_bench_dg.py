@@ -216,3 +216,52 @@ def test_runs_in_parallel_processes_give_the_same_numbers(tmp_path):
         assert data["jobs"] == jobs and data["runs_trained"] == 2
         results[jobs] = [(r["row"], r["seed"], r["curve"]) for r in data["runs"]]
     assert results[1] == results[2]
+
+
+WORKERS_SCRIPT = """
+import concurrent.futures, multiprocessing, sys, time
+from dgss.demo.benchmark import _workers_die_with_this_process
+
+def nap(_):
+    time.sleep(120)
+
+if __name__ == "__main__":
+    pool = concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
+    with _workers_die_with_this_process(pool):
+        futures = [pool.submit(nap, i) for i in range(2)]
+        while len(pool._processes) < 2:
+            time.sleep(0.1)
+        print(" ".join(str(pid) for pid in pool._processes), flush=True)
+        futures[0].result()
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in state  # a zombie has exited
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_a_stopped_driver_takes_its_worker_processes_with_it(tmp_path):
+    # SIGTERM to the driver alone (a scheduler's scancel, `kill PID`) must not leave workers training
+    import signal
+    import subprocess
+    import time
+
+    script = tmp_path / "driver.py"
+    script.write_text(WORKERS_SCRIPT)
+    driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(pid) for pid in driver.stdout.readline().split()]
+        assert len(workers) == 2 and all(_alive(pid) for pid in workers)
+        driver.send_signal(signal.SIGTERM)
+        assert driver.wait(timeout=30) == 128 + signal.SIGTERM
+        deadline = time.time() + 10
+        while any(_alive(pid) for pid in workers) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in workers)
+    finally:
+        driver.kill()
