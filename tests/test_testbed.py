@@ -14,6 +14,7 @@ from dgss.demo.dg_stats import GATING, preconditions, selection_bias, summarize
 from dgss.demo.pool import (HELD_OUT_FAMILIES, MIN_BRIGHTNESS, POOL_FAMILIES, POOL_SEED_OFFSET, pool_family,
                             pool_image, pool_style)
 from dgss.demo.ssl import SelfDistillation, SSLRecipe, encode_tokens, multi_crop, random_patch_masks
+from dgss.demo.run import demo_config
 from dgss.demo.world import TESTBED_WORLD, foundation_architecture
 
 TINY = dict(backbone="dinov2_s", img_size=32, patch_size=8, backbone_kwargs=dict(depth=2, embed_dim=32, num_heads=2))
@@ -324,7 +325,7 @@ def tiny_testbed_foundation(tmp_path):
 def test_lp_ft_and_wise_ft_through_the_engine(tmp_path, tiny_testbed_foundation):
     from safetensors.torch import load_file
 
-    from dgss.demo.benchmark import SMOKE_BUDGET, run_seeded
+    from dgss.demo.benchmark import SMOKE_BUDGET, TESTBED_BUDGETS, run_seeded
 
     records = run_seeded(["lp-ft", "wise-ft", "soma-public"], [0], SMOKE_BUDGET, tmp_path / "bench", curve_points=1,
                          weights=tiny_testbed_foundation, world=TESTBED_WORLD, log=lambda line: None)
@@ -332,6 +333,13 @@ def test_lp_ft_and_wise_ft_through_the_engine(tmp_path, tiny_testbed_foundation)
     assert records[2]["config"]["method"]["soma"]["init"] == "public_code"
     assert records[2]["config"]["train"]["ema"]["enabled"] is False
     assert list(records[0]["curve"][-1]["miou"]) == list(TESTBED_WORLD.evaluated)
+    # the testbed's recipe (P1): head lr 3e-3 after 50 warm-up iterations (at most an eighth of the run);
+    # Full's backbone at its 0.1 multiplier
+    train = records[1]["config"]["train"]
+    assert (train["lr"], train["warmup_iters"]) == (3e-3, 0) and records[1]["config"]["method"]["backbone_lr_mult"] == 0.1
+    default = demo_config("frozen", budget=TESTBED_BUDGETS["default"], out_dir=tmp_path, world=TESTBED_WORLD,
+                          weights=tiny_testbed_foundation)
+    assert (default.train.lr, default.train.warmup_iters) == (3e-3, 50)
     pretrained = load_file(tiny_testbed_foundation)
     full = load_file(str(tmp_path / "bench/runs/full/seed0/model_final.safetensors"))
     wise = load_file(str(tmp_path / "bench/runs/wise-ft/seed0/model_final.safetensors"))

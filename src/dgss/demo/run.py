@@ -124,7 +124,9 @@ def demo_config(method: str, *, budget: DemoBudget, out_dir: str | Path, weights
             "scales": [crop, crop + crop // 4, crop + crop // 2, 2 * crop],  # random short side, 1x-2x
             "num_workers": 0,
         },
-        "train": {"iters": budget.iters, "batch_size": 4, "lr": 1e-3, "seed": seed, "device": device,
+        "train": {"iters": budget.iters, "batch_size": 4, "lr": world.lr,
+                  "warmup_iters": min(world.warmup_iters, budget.iters // 8),  # short budgets: a shorter warm-up
+                  "seed": seed, "device": device,
                   "eval_interval": 0, "checkpoint_interval": interval, "keep_checkpoints": 0,
                   "log_interval": max(budget.iters // 4, 1)},
         "eval": {"mode": "whole"},
