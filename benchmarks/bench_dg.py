@@ -28,7 +28,7 @@ import os
 import sys
 import time
 
-from dgss.demo.benchmark import BUDGETS, ROWS, SKIPPED_ROWS, TESTBED_BUDGETS, clock, run_seeded
+from dgss.demo.benchmark import BUDGETS, ROWS, SKIPPED_ROWS, TESTBED_BUDGETS, clock, run_seeded, seeds_of
 from dgss.demo.dg_report import machine_info, write_report
 from dgss.demo.dg_stats import CORE_ROWS, REQUIRED_ROWS, summarize
 from dgss.demo.world import WORLDS
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     if jobs < 1 or (jobs > 1 and args.device != "cpu"):
         print(f"bench_dg.py: error: --jobs must be >= 1 (and 1 with --device cuda), got {jobs}", file=sys.stderr)
         return 2
-    runs = len(methods) * len(seeds)
+    runs = sum(len(seeds_of(m, seeds)) for m in methods)  # frozen-2x: the first seed only (P1 reads one)
     world = WORLDS[args.world]
     print(f"bench_dg ({world.name} world): {len(methods)} method(s) x {len(seeds)} seed(s) = {runs} runs, budget '{name}' "
           f"({budget.iters} iterations, {budget.train_images} source scenes, {budget.eval_images} images per "

@@ -349,3 +349,11 @@ def test_lp_ft_and_wise_ft_through_the_engine(tmp_path, tiny_testbed_foundation)
     assert torch.allclose(wise[full_key], 0.5 * pretrained[key] + 0.5 * full[full_key], atol=1e-6)
     head = next(k for k in full if k.startswith("head.") or ".head." in k)
     assert torch.equal(wise[head], full[head])  # the fine-tuned head is kept
+
+
+def test_frozen_trained_twice_as_long_runs_one_seed_as_p1_reads_one():
+    from dgss.demo.benchmark import ITERS_SCALE, seeds_of
+
+    assert ITERS_SCALE["frozen-2x"] == 2
+    assert seeds_of("frozen-2x", [0, 1, 2]) == [0] and seeds_of("frozen-2x", [4, 5]) == [4]
+    assert seeds_of("frozen", [0, 1, 2]) == [0, 1, 2]

@@ -29,7 +29,7 @@ from ..tuning import METHODS as TUNING_METHODS
 from .run import DemoBudget, demo_config, pick_threads, run_method
 from .world import World
 
-__all__ = ["ROWS", "SKIPPED_ROWS", "ITERS_SCALE", "DERIVED_ROWS", "BUDGETS", "TESTBED_BUDGETS", "DEFAULT_BUDGET", "QUICK_BUDGET", "SMOKE_BUDGET", "CUDA_BUDGET",
+__all__ = ["ROWS", "SKIPPED_ROWS", "ITERS_SCALE", "seeds_of", "DERIVED_ROWS", "BUDGETS", "TESTBED_BUDGETS", "DEFAULT_BUDGET", "QUICK_BUDGET", "SMOKE_BUDGET", "CUDA_BUDGET",
            "RESULT_FILE", "run_seeded", "clock"]
 
 # The benchmark's rows: name -> (method.name, dotted overrides of the demo experiment). A new row is one
@@ -65,8 +65,14 @@ _ROWS: dict[str, tuple[str, list[str]]] = {
     "frozen-2x": ("frozen", []),  # ITERS_SCALE: twice the budget's iterations
 }
 ROWS = {name: row for name, row in _ROWS.items() if row[0] in TUNING_METHODS}
-# rows trained for a multiple of the budget's iterations (P1: is Frozen's head converged?)
+# rows trained for a multiple of the budget's iterations (P1: is Frozen's head converged?). P1 reads one
+# seed, so these rows run the first seed only (``seeds_of``): with 3 seeds that saves two of the longest runs
 ITERS_SCALE = {"frozen-2x": 2}
+
+
+def seeds_of(row: str, seeds: Sequence[int]) -> list[int]:
+    """The seeds ``row`` runs for: all of ``seeds``, or the first one for a row of ``ITERS_SCALE``."""
+    return list(seeds[:1]) if row in ITERS_SCALE else list(seeds)
 # rows made from another row's final model without training: WiSE-FT (Wortsman et al., CVPR'22) averages
 # the fine-tuned and the pretrained backbone, alpha = 0.5 (the weight of the pretrained one)
 DERIVED_ROWS = {"wise-ft": ("full", 0.5)}
@@ -234,7 +240,7 @@ def run_seeded(methods: Sequence[str], seeds: Sequence[int], budget: DemoBudget,
     if jobs > 1 and len(trained_rows) * len(seeds) > 1:
         if device != "cpu":
             raise ValueError("jobs > 1 runs several processes on the CPU; on a GPU use jobs=1")
-        pairs = [(row, seed) for row in trained_rows for seed in seeds]
+        pairs = [(row, seed) for row in trained_rows for seed in seeds_of(row, seeds)]
         records = _run_parallel(jobs, pairs, dict(common, threads=threads or 1, progress=False, quiet=True,
                                                   on_run=on_run), log)
     else:
@@ -243,7 +249,7 @@ def run_seeded(methods: Sequence[str], seeds: Sequence[int], budget: DemoBudget,
     for row in derived:
         for seed in seeds:
             records[row, seed] = _derived_run(row, seed, records[DERIVED_ROWS[row][0], seed], log=log, **common)
-    return [records[row, seed] for row in methods for seed in seeds]
+    return [records[row, seed] for row in methods for seed in seeds_of(row, seeds)]
 
 
 def _default_weights(world, progress: bool) -> str:
@@ -281,7 +287,7 @@ def _run_sequential(rows: Sequence[str], seeds: Sequence[int], *, budget: DemoBu
                     quiet: bool, keep_fisher_scores: bool, run_name, on_run, log, world) -> dict:
     pick_threads(threads)
     weights_sha256 = file_sha256(weights)
-    jobs = [(row, seed) for row in rows for seed in seeds]
+    jobs = [(row, seed) for row in rows for seed in seeds_of(row, seeds)]
     records, start, trained_seconds, trained = {}, time.time(), 0.0, 0
     for i, (row, seed) in enumerate(jobs):
         method, overrides = ROWS[row]
