@@ -265,3 +265,19 @@ def test_a_stopped_driver_takes_its_worker_processes_with_it(tmp_path):
         assert not any(_alive(pid) for pid in workers)
     finally:
         driver.kill()
+
+
+def test_source_diagnostic_merges_the_vehicle_classes_by_summing_their_confusions():
+    import torch
+
+    import bench_dg_source
+
+    classes = ["road", "car", "truck", "bus"]
+    matrix = torch.tensor([[10., 0, 0, 0], [0, 5, 3, 0], [0, 2, 1, 0], [1, 0, 0, 0]], dtype=torch.float64)
+    merged, names = bench_dg_source.merge(matrix, classes)
+    assert names == ["road", "vehicle"]
+    assert merged.tolist() == [[10, 0], [1, 11]]  # the vehicles' mutual confusions become hits
+    miou, per_class = bench_dg_source.iou(matrix)
+    # road 10/11; car 5/(7+8-5)=0.5; truck 1/(4+3-1); bus 0/1 -> mean over the 4 present classes
+    assert per_class[0] == pytest.approx(100 * 10 / 11) and per_class[1] == pytest.approx(50.0)
+    assert miou == pytest.approx(100 * (10 / 11 + 0.5 + 1 / 6 + 0) / 4)
