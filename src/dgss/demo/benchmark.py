@@ -92,8 +92,8 @@ SMOKE_BUDGET = DemoBudget(iters=4, train_images=4, eval_images=2, fisher_batches
 CUDA_BUDGET = DemoBudget(iters=2000, train_images=2000, eval_images=96, fisher_batches=32, overlay_images=0)
 BUDGETS = {"default": DEFAULT_BUDGET, "quick": QUICK_BUDGET, "smoke": SMOKE_BUDGET, "cuda": CUDA_BUDGET}
 # The testbed's budgets (the same for every row). default: with the testbed's lr 3e-3, Frozen's source mIoU
-# at 960 iterations is within 0.8 of a run twice as long (P1, seed 0); a run takes 7.5-8 minutes on one
-# thread, Frozen x 2 14 (docs/dg_benchmark.md has the measurements).
+# at 960 iterations is within 0.8 of a run twice as long on 16 images (P1, seed 0), not on 64 (the world is
+# still being fixed); a run takes 7.5-10 minutes on one thread (docs/dg_benchmark.md has the measurements).
 TESTBED_BUDGETS = {
     "default": DemoBudget(iters=960, train_images=960, eval_images=16, fisher_batches=16, overlay_images=0),
     "quick": DemoBudget(iters=40, train_images=40, eval_images=4, fisher_batches=2, overlay_images=0),

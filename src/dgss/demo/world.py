@@ -70,7 +70,8 @@ def _testbed_world() -> World:
     head = dict(_DEMO_HEAD, num_queries=12, decoder_layers=2, num_points_loss=512)
     # lr 3e-3 with 50 warm-up iterations: Frozen's head converges within the budget (P1). Measured on the
     # source only (Frozen, seed 0, 960 vs 1920 iterations; docs/dg_benchmark.md, "P1"): lr 1e-3 54.4 vs
-    # 60.4 (fails), 3e-3 60.4 vs 61.2 (holds), 1e-2 38.8 at 960 (unstable)
+    # 60.4 (fails), 3e-3 60.4 vs 61.2 (holds on 16 images; on 64, vehicles merged, 76.5 vs 80.3: not yet
+    # converged), 1e-2 38.8 at 960 (unstable)
     return World(name="testbed", source="clean",
                  targets=("night-1", "night-2", "fog-1", "fog-2", "rain-1", "rain-2", "colorshift-1", "colorshift-2"),
                  validation=("blur-1", "blur-2"), label_set="testbed", num_classes=11, foundation=SSL_FOUNDATION,
