@@ -68,7 +68,7 @@ def _testbed_world() -> World:
     # 11 classes: 12 queries; one pixel-decoder layer and two decoder layers keep the head small enough
     # to converge in the budget (precondition P1, docs/dg_benchmark.md)
     head = dict(_DEMO_HEAD, num_queries=12, decoder_layers=2, num_points_loss=512)
-    # lr 3e-3 with 50 warm-up iterations: Frozen's head converges within the budget (P1). Measured on the
+    # lr 3e-3 with 50 warm-up iterations: Frozen's head gets much nearer convergence within the budget (P1).
     # source only (Frozen, seed 0, 960 vs 1920 iterations; docs/dg_benchmark.md, "P1"): lr 1e-3 54.4 vs
     # 60.4 (fails), 3e-3 60.4 vs 61.2 (holds on 16 images; on 64, vehicles merged, 76.5 vs 80.3: not yet
     # converged), 1e-2 38.8 at 960 (unstable)
