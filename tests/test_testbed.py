@@ -13,8 +13,8 @@ from dgss.data.synthetic import (SEVERITY_STYLES, TESTBED_CLASSES, TESTBED_OF_TR
 from dgss.demo.dg_stats import GATING, preconditions, selection_bias, summarize
 from dgss.demo.pool import (HELD_OUT_FAMILIES, MIN_BRIGHTNESS, POOL_FAMILIES, POOL_SEED_OFFSET, pool_family,
                             pool_image, pool_style)
-from dgss.demo.ssl import SelfDistillation, SSLRecipe, encode_tokens, multi_crop, random_patch_masks
 from dgss.demo.run import demo_config
+from dgss.demo.ssl import SelfDistillation, SSLRecipe, encode_tokens, multi_crop, random_patch_masks
 from dgss.demo.world import TESTBED_WORLD, foundation_architecture
 
 TINY = dict(backbone="dinov2_s", img_size=32, patch_size=8, backbone_kwargs=dict(depth=2, embed_dim=32, num_heads=2))
@@ -154,7 +154,6 @@ def test_pretraining_writes_a_label_free_manifest_and_resumes_bit_exactly(tmp_pa
     assert foundation_architecture(str(straight), {})["patch_size"] == 8
 
     # 2 iterations, "killed", then resumed from the checkpoint: the same file as 4 straight
-
     ckpt = tmp_path / "run.ckpt"
     original = foundation_ssl._batch
 

@@ -73,6 +73,8 @@ ITERS_SCALE = {"frozen-2x": 2}
 def seeds_of(row: str, seeds: Sequence[int]) -> list[int]:
     """The seeds ``row`` runs for: all of ``seeds``, or the first one for a row of ``ITERS_SCALE``."""
     return list(seeds[:1]) if row in ITERS_SCALE else list(seeds)
+
+
 # rows made from another row's final model without training: WiSE-FT (Wortsman et al., CVPR'22) averages
 # the fine-tuned and the pretrained backbone, alpha = 0.5 (the weight of the pretrained one)
 DERIVED_ROWS = {"wise-ft": ("full", 0.5)}
@@ -237,10 +239,10 @@ def run_seeded(methods: Sequence[str], seeds: Sequence[int], budget: DemoBudget,
     common = dict(budget=budget, out_dir=str(out_dir), device=device, curve_points=curve_points, weights=weights,
                   targets=list(targets), resume=resume, keep_fisher_scores=keep_fisher_scores, run_name=run_name,
                   world=world)
-    if jobs > 1 and len(trained_rows) * len(seeds) > 1:
+    pairs = [(row, seed) for row in trained_rows for seed in seeds_of(row, seeds)]
+    if jobs > 1 and len(pairs) > 1:
         if device != "cpu":
             raise ValueError("jobs > 1 runs several processes on the CPU; on a GPU use jobs=1")
-        pairs = [(row, seed) for row in trained_rows for seed in seeds_of(row, seeds)]
         records = _run_parallel(jobs, pairs, dict(common, threads=threads or 1, progress=False, quiet=True,
                                                   on_run=on_run), log)
     else:

@@ -114,7 +114,10 @@ def _workers(jobs: int) -> int:
     """Processes for ``jobs`` probes: DGSS_PLAN_WORKERS, else the cores but one (at most 8), 1 on 2 cores."""
     value = os.environ.get("DGSS_PLAN_WORKERS")
     if value:
-        return max(1, min(int(value), jobs))
+        try:
+            return max(1, min(int(value), jobs))
+        except ValueError:
+            raise ValueError(f"DGSS_PLAN_WORKERS must be a whole number of processes, got {value!r}") from None
     cores = os.cpu_count() or 1
     return 1 if cores <= 2 else max(1, min(cores - 1, 8, jobs))
 
@@ -344,13 +347,14 @@ def plan_memory(cfg, *, gpus: int = 1, gpu_memory: Optional[int] = None, device:
     if gpus < 1:
         raise ValueError(f"--gpus must be at least 1, got {gpus}")
     planner = planner or Planner(cfg, device=device)
-    amps = ("none", "bf16") if (variants and device != "cpu") else (cfg.train.amp if device != "cpu" else "none",)
-    ckpts = (False, True) if variants else (cfg.train.grad_checkpointing,)
-    keys = [("step", a, c, cfg.train.batch_size) for a in amps for c in ckpts]
+    variant_amps = ("none", "bf16") if device != "cpu" else ("none",)  # a CPU trains in fp32
+    configured = ("none" if device == "cpu" else cfg.train.amp, cfg.train.grad_checkpointing)
+    combos = [configured] + ([(a, c) for a in variant_amps for c in (False, True)] if variants else [])
+    keys = [("step", amp, ckpt, cfg.train.batch_size) for amp, ckpt in dict.fromkeys(combos)]
     planner.prefetch(keys + ([("estimate",)] if planner.fishertune is not None else []))  # in parallel where it can
     plan = planner.plan(gpus=gpus, gpu_memory=gpu_memory)
     if variants:
-        for amp in (("none", "bf16") if device != "cpu" else ("none",)):
+        for amp in variant_amps:
             for ckpt in (False, True):
                 for parallel in (("ddp", "fsdp") if gpus > 1 else ("ddp",)):
                     v = planner.plan(amp=amp, grad_checkpointing=ckpt, parallel=parallel, gpus=gpus, gpu_memory=gpu_memory)
