@@ -1,10 +1,10 @@
 """Source-only diagnostic of finished DG benchmark runs (issue 22, precondition P2): each run's final model
-re-evaluated on more `clean` val images than the benchmark uses, with the testbed's 11 classes and with
+re-evaluated on more `clean` val images than the benchmark uses, with the testbed's classes and with
 car, truck, bus and train merged into one "vehicle" class after the argmax (Cityscapes' category).
 
     python benchmarks/bench_dg_source.py OUT/runs/frozen/seed0 OUT/runs/full/seed0 [--images 64]
 
-One JSON line per run: mIoU over the 11 classes and over the 8 with the vehicles merged, and each
+One JSON line per run: mIoU over the run's classes and over them with the vehicles merged, and each
 class's IoU (%). Source images only: it never looks at a target domain, so it may inform the world's
 design (docs/dg_benchmark.md, "P2 next").
 """

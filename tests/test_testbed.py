@@ -8,11 +8,13 @@ import pytest
 import torch
 from scipy import ndimage
 
+from dgss.data.image_io import DataError
 from dgss.data.synthetic import (SEVERITY_STYLES, TESTBED_CLASSES, TESTBED_OF_TRAIN_ID, SyntheticDataset,
                                  generate)
 from dgss.demo.dg_stats import GATING, preconditions, selection_bias, summarize
 from dgss.demo.pool import (HELD_OUT_FAMILIES, MIN_BRIGHTNESS, POOL_FAMILIES, POOL_SEED_OFFSET, pool_family,
                             pool_image, pool_style)
+from dgss.demo.benchmark import SMOKE_BUDGET
 from dgss.demo.run import demo_config
 from dgss.demo.ssl import SelfDistillation, SSLRecipe, encode_tokens, multi_crop, random_patch_masks
 from dgss.demo.world import TESTBED_WORLD, foundation_architecture
@@ -180,10 +182,11 @@ def test_pretraining_writes_a_label_free_manifest_and_resumes_bit_exactly(tmp_pa
 
 def test_testbed_classes_are_a_token_thick_at_the_median_and_the_dropped_ones_are_not():
     """The label set's rule, measured: the thickest part of a class in an image (2 x the largest distance
-    to its border), median over images, at the evaluation size 128 x 256; a token is 8 px."""
+    to its border), median over images, at the evaluation size 128 x 256, in the testbed's scenes (its
+    vehicle style); a token is 8 px."""
     thick = {c: [] for c in range(19)}
     for seed in range(40):
-        _, label = generate("clean", seed)
+        _, label = generate("clean", seed, (128, 256), TESTBED_WORLD.objects)
         for c in np.unique(label):
             thick[c].append(2 * ndimage.distance_transform_edt(np.pad(label == c, 1)).max())
     for train_id in range(19):
@@ -193,10 +196,47 @@ def test_testbed_classes_are_a_token_thick_at_the_median_and_the_dropped_ones_ar
                 assert np.median(thick[train_id]) >= 8, train_id
         else:
             assert np.median(thick[train_id]) < 8, train_id
-    assert len(TESTBED_CLASSES) == 11 == TESTBED_WORLD.num_classes
+    assert len(TESTBED_CLASSES) == 12 == TESTBED_WORLD.num_classes
     ds = SyntheticDataset(domain="clean", num_images=2, label_set="testbed", name="clean")
     _, label = ds.load(0)
-    assert ds.classes == TESTBED_CLASSES and set(np.unique(label)) <= set(range(11)) | {255}
+    assert ds.classes == TESTBED_CLASSES and set(np.unique(label)) <= set(range(12)) | {255}
+
+
+def test_visible_objects_tell_truck_bus_and_train_apart_and_leave_plain_scenes_alone():
+    """"plain" vehicles (the demo world and the SSL pool) share one shape and one colour set, so truck and
+    bus cannot be told apart; "visible" ones (the testbed's) differ in shape and livery, and its traffic
+    signs are larger."""
+    from dgss.data.scene_layout import BUS, SIGN, TRAIN, TRUCK
+
+    def aspect(objects, cls):  # bounding-box width / height of the class's largest instance
+        ratios = []
+        for seed in range(60):
+            label = generate("clean", seed, (128, 256), objects)[1]
+            parts, n = ndimage.label(label == cls)
+            if n:
+                sizes = ndimage.sum(np.ones_like(label), parts, range(1, n + 1))
+                ys, xs = np.nonzero(parts == 1 + int(np.argmax(sizes)))
+                if len(ys) > 60:
+                    ratios.append((np.ptp(xs) + 1) / (np.ptp(ys) + 1))
+        return np.median(ratios)
+
+    plain = {c: aspect("plain", c) for c in (TRUCK, BUS)}
+    assert abs(plain[TRUCK] - plain[BUS]) < 0.15  # the defect: indistinguishable by shape
+    distinct = {c: aspect("visible", c) for c in (TRUCK, BUS, TRAIN)}
+    assert distinct[TRUCK] < distinct[BUS] - 0.2 < distinct[TRAIN] - 0.6
+    sign_pixels = {o: np.mean([(generate("clean", s, (128, 256), o)[1] == SIGN).sum() for s in range(30)])
+                   for o in ("plain", "visible")}
+    assert sign_pixels["visible"] > 2.5 * sign_pixels["plain"]  # 1.8 x the side
+    # "plain" is the default everywhere the testbed does not ask for "visible" (the pool, the demo world)
+    assert np.array_equal(generate("clean", 3)[1], generate("clean", 3, (128, 256), "plain")[1])
+    assert not np.array_equal(generate("clean", 3)[1], generate("clean", 3, (128, 256), "visible")[1])
+    assert TESTBED_WORLD.objects == "visible"
+    cfg = demo_config("frozen", budget=SMOKE_BUDGET, out_dir="unused", weights=None, world=TESTBED_WORLD)
+    assert all(d.options["objects"] == "visible" for d in (*cfg.data.train, *cfg.data.val, *cfg.data.test))
+    demo = demo_config("frozen", budget=SMOKE_BUDGET, out_dir="unused", weights=None)
+    assert "objects" not in demo.data.train[0].options
+    with pytest.raises(DataError, match="objects 'fancy'"):
+        SyntheticDataset(domain="clean", num_images=2, objects="fancy")
 
 
 def test_each_target_family_has_graded_severities():

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["LayoutStats", "STREET", "WIDE_ANGLE", "Scene", "build_scene"]
+__all__ = ["LayoutStats", "STREET", "WIDE_ANGLE", "Scene", "build_scene", "OBJECT_STYLES"]
 
 (ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEGETATION, TERRAIN, SKY, PERSON, RIDER,
  CAR, TRUCK, BUS, TRAIN, MOTORCYCLE, BICYCLE) = range(19)
@@ -31,6 +31,10 @@ _BASE_COLOURS = np.array([
     (0, 0, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0)], np.float32)
 _VEHICLE_COLOURS = np.array([(235, 235, 232), (30, 32, 36), (128, 130, 134), (176, 30, 30),
                              (36, 60, 140), (190, 192, 196), (90, 30, 20), (210, 170, 40)], np.float32)
+# "visible" objects (the DG testbed's world): each heavy vehicle type has its own liveries and parts.
+_BUS_COLOURS = np.array([(214, 172, 30), (200, 60, 36), (40, 140, 90)], np.float32)  # yellow, red, green
+_CARGO_COLOURS = np.array([(226, 226, 220), (186, 178, 160)], np.float32)  # white, beige box
+_TRAIN_COLOURS = np.array([(188, 192, 200), (60, 90, 170)], np.float32)  # silver, blue
 _SIGN_COLOURS = np.array([(200, 36, 36), (30, 80, 170), (230, 200, 30), (240, 240, 240)], np.float32)
 
 
@@ -50,6 +54,14 @@ class LayoutStats:
 
 
 STREET = LayoutStats()
+# How objects look. "plain": cars, trucks, buses and trains share one box shape and one colour set (truck
+# and bus differ by a few percent in aspect ratio: no model can tell them apart), and traffic-sign panels
+# are thinner than an 8-px token; the demo world and the SSL pool render these. "visible" (the DG testbed,
+# where every class must be visible; docs/dg_benchmark.md): a bus has a livery and a row of side windows,
+# a truck a low cab in front of a tall light cargo box, a train a long silver or blue body with a window
+# row and a stripe, and sign panels are SIGN_SCALE_VISIBLE times larger.
+OBJECT_STYLES = ("plain", "visible")
+SIGN_SCALE_VISIBLE = 1.8
 # A lower, wider camera in a denser, narrower street: other geometry statistics.
 WIDE_ANGLE = LayoutStats(horizon=(0.54, 0.64), road_half_width=(0.14, 0.24), sidewalk_width=(0.20, 0.32),
                          building_height=(0.9, 2.2), block_width=(0.03, 0.08), object_scale=1.4,
@@ -185,40 +197,48 @@ def _background(rng: np.random.Generator, h: int, w: int, st: LayoutStats) -> tu
     return paint, geometry
 
 
-def build_scene(rng: np.random.Generator, size: tuple[int, int], st: LayoutStats = STREET) -> Scene:
-    """A random street scene of ``size`` = (H, W) drawn with the ranges of ``st``."""
+def build_scene(rng: np.random.Generator, size: tuple[int, int], st: LayoutStats = STREET,
+                objects: str = "plain") -> Scene:
+    """A random street scene of ``size`` = (H, W) drawn with the ranges of ``st``; ``objects``: one of
+    ``OBJECT_STYLES`` ("plain" draws exactly what it always drew)."""
+    if objects not in OBJECT_STYLES:
+        raise ValueError(f"unknown objects style {objects!r} (valid: {', '.join(OBJECT_STYLES)})")
+    sign_scale = SIGN_SCALE_VISIBLE if objects == "visible" else 1.0
     h, w = size
     paint, g = _background(rng, h, w, st)
     horizon, span, vx, road, outer = g["horizon"], g["span"], g["vx"], g["road"], g["outer"]
     walk = (outer - road) / road  # sidewalk width in road-half-width units
     side = lambda: 1.0 if rng.random() < 0.5 else -1.0  # noqa: E731
 
-    objects = []  # (t: ground row as a fraction of the span below the horizon, lateral u, kind)
+    placed = []  # (t: ground row as a fraction of the span below the horizon, lateral u, kind)
     n_cars = int(rng.integers(st.cars[0], st.cars[1] + 1))
-    objects += [(rng.uniform(0.12, 1.05), rng.uniform(-0.75, 0.75), CAR) for _ in range(n_cars)]
+    placed += [(rng.uniform(0.12, 1.05), rng.uniform(-0.75, 0.75), CAR) for _ in range(n_cars)]
     n_people = int(rng.integers(st.people[0], st.people[1] + 1))
-    objects += [(rng.uniform(0.1, 1.0), side() * (1.05 + walk * rng.uniform(0.1, 0.8)), PERSON)
+    placed += [(rng.uniform(0.1, 1.0), side() * (1.05 + walk * rng.uniform(0.1, 0.8)), PERSON)
                 for _ in range(n_people)]
     for kind, probability, lateral in ((TRUCK, 0.5, 0.6), (BUS, 0.5, 0.6), (TRAIN, 0.4, 0.15),
                                        (MOTORCYCLE, 0.6, 0.85), (BICYCLE, 0.6, 0.9)):
         if rng.random() < probability:
-            objects.append((rng.uniform(0.1, 0.6), rng.uniform(-lateral, lateral), kind))
+            placed.append((rng.uniform(0.1, 0.6), rng.uniform(-lateral, lateral), kind))
     for _ in range(int(rng.integers(2, 6))):  # poles carrying lamps, signs or lights
-        objects.append((rng.uniform(0.1, 0.95), side() * (1.0 + walk * rng.uniform(0.05, 0.3)), POLE))
+        placed.append((rng.uniform(0.1, 0.95), side() * (1.0 + walk * rng.uniform(0.05, 0.3)), POLE))
     for _ in range(int(rng.integers(0, 4))):
-        objects.append((rng.uniform(0.15, 0.9), side() * (1.0 + walk * rng.uniform(0.5, 0.95)), VEGETATION))
+        placed.append((rng.uniform(0.15, 0.9), side() * (1.0 + walk * rng.uniform(0.5, 0.95)), VEGETATION))
 
     lights: list = []
-    for t, u, kind in sorted(objects, key=lambda o: o[0]):  # far to near
+    for t, u, kind in sorted(placed, key=lambda o: o[0]):  # far to near
         yb = horizon + t * span
         ppu = road * t * st.object_scale  # pixels per road-half-width unit at that distance
-        _paint_object(paint, rng, lights, kind, yb, vx + u * road * t, ppu, 1.0 / t)
+        if objects == "visible" and kind in (TRUCK, BUS, TRAIN):
+            _paint_heavy_vehicle(paint, rng, lights, kind, yb, vx + u * road * t, ppu, 1.0 / t)
+        else:
+            _paint_object(paint, rng, lights, kind, yb, vx + u * road * t, ppu, 1.0 / t, sign_scale)
     return Scene(label=paint.label, colour_index=paint.colour_index, palette=paint.palette(),
                  depth=paint.depth, horizon=horizon, lights=lights)
 
 
 def _paint_object(p: _Painter, rng: np.random.Generator, lights: list, kind: int, yb: float, x: float,
-                  ppu: float, d: float) -> None:
+                  ppu: float, d: float, sign_scale: float = 1.0) -> None:
     """Paint one object standing at ground row ``yb``, centred at column ``x``, ``ppu`` pixels per unit."""
     if kind in (CAR, TRUCK, BUS, TRAIN):
         width, height = {CAR: (0.55, 0.42), TRUCK: (0.72, 0.95), BUS: (0.78, 0.92), TRAIN: (0.9, 1.1)}[kind]
@@ -262,7 +282,7 @@ def _paint_object(p: _Painter, rng: np.random.Generator, lights: list, kind: int
         p.box(top, yb, x - width / 2, x + width / 2, POLE, p.colour(_BASE_COLOURS[POLE], 15.0), d)
         carried = rng.random()
         if carried < 0.45:
-            size = max(0.18 * ppu, 2.0)
+            size = max(0.18 * ppu * sign_scale, 2.0 * sign_scale)
             colour = p.colour(_SIGN_COLOURS[int(rng.integers(len(_SIGN_COLOURS)))], 10.0)
             if rng.random() < 0.5:
                 p.ellipse(top + size / 2, x, size / 2, size / 2, SIGN, colour, d)
@@ -281,3 +301,61 @@ def _paint_object(p: _Painter, rng: np.random.Generator, lights: list, kind: int
         half = max(0.04 * ppu, 0.6)
         p.box(yb - trunk_h, yb, x - half, x + half, VEGETATION, p.colour((80, 62, 48), 10.0), d)
         p.ellipse(yb - trunk_h - crown * 0.6, x, crown, crown * 0.9, VEGETATION, p.colour(_BASE_COLOURS[VEGETATION], 22.0), d)
+
+
+def _paint_heavy_vehicle(p: _Painter, rng: np.random.Generator, lights: list, kind: int, yb: float, x: float,
+                         ppu: float, d: float) -> None:
+    """A truck, bus or train as the "visible" object style draws it, standing at ground row ``yb``."""
+    facing = 1.0 if rng.random() < 0.5 else -1.0  # which end is the front
+    wheel_colour = p.colour((22, 22, 24), 4.0)
+    if kind == TRUCK:  # a low cab with a windscreen, then a tall light cargo box
+        width, height = max(0.95 * ppu, 3.0), max(0.95 * ppu, 3.0)
+        left, right = x - width / 2, x + width / 2
+        cab_w = width * 0.3
+        cab0, cab1 = (right - cab_w, right) if facing > 0 else (left, left + cab_w)
+        box0, box1 = (left, right - cab_w * 1.05) if facing > 0 else (left + cab_w * 1.05, right)
+        if not p.box(yb - height, yb - height * 0.12, box0, box1, TRUCK,
+                     p.colour(_CARGO_COLOURS[int(rng.integers(len(_CARGO_COLOURS)))], 10.0), d):
+            return
+        cab = _VEHICLE_COLOURS[int(rng.integers(len(_VEHICLE_COLOURS)))]
+        p.box(yb - height * 0.62, yb - height * 0.12, cab0, cab1, TRUCK, p.colour(cab, 12.0), d)
+        p.box(yb - height * 0.58, yb - height * 0.38, cab0 + cab_w * 0.15, cab1 - cab_w * 0.15, TRUCK,
+              p.colour(cab * 0.25 + 20.0, 5.0), d)
+        p.box(yb - height * 0.12, yb - height * 0.06, left, right, TRUCK, p.colour((40, 40, 44), 6.0), d)  # chassis
+        wheels = (-0.38, -0.2, 0.38)
+    elif kind == BUS:  # a livery, a row of side windows split by pillars and a light stripe
+        width, height = max(1.1 * ppu, 3.0), max(0.8 * ppu, 3.0)
+        livery = _BUS_COLOURS[int(rng.integers(len(_BUS_COLOURS)))]
+        if not _windowed_body(p, BUS, yb, x, width, height, (livery, 14.0, 0.08), ((34, 40, 52), 6.0),
+                              5, (0.85, 0.5), (0.05, 0.9, 0.78), ((235, 235, 230), 8.0, 0.3, 0.24), d):
+            return
+        wheels = (-0.35, 0.35)
+    else:  # TRAIN: long, silver or blue, a window row and a red stripe
+        width, height = max(1.8 * ppu, 4.0), max(0.9 * ppu, 3.0)
+        body = _TRAIN_COLOURS[int(rng.integers(len(_TRAIN_COLOURS)))]
+        if not _windowed_body(p, TRAIN, yb, x, width, height, (body, 8.0, 0.1), ((30, 34, 44), 5.0),
+                              8, (0.82, 0.6), (0.04, 0.92, 0.6), ((200, 40, 40), 10.0, 0.48, 0.38), d):
+            return
+        wheels = (-0.42, -0.3, 0.3, 0.42)
+    radius = max(height * 0.1, 1.0)
+    for u in wheels:
+        p.box(yb - 2 * radius, yb, x + u * width - radius, x + u * width + radius, kind, wheel_colour, d)
+    lights.append((yb - height * 0.25, x + facing * width * 0.47, max(width * 0.03, 0.8), (2.2, 2.0, 1.5)))
+
+
+def _windowed_body(p: _Painter, kind: int, yb: float, x: float, width: float, height: float, body: tuple,
+                   glass: tuple, n: int, rows: tuple, spacing: tuple, stripe: tuple, d: float) -> bool:
+    """A bus's or train's body: ``body`` (colour, jitter, bottom gap as a fraction of the height), ``n``
+    windows of ``glass`` (colour, jitter) between heights ``rows`` (top, bottom: fractions above the
+    ground row), spaced by ``spacing`` (margin, span, filled share: fractions of the width), and a
+    ``stripe`` (colour, jitter, top, bottom). False when the body lies outside the image."""
+    left = x - width / 2
+    if not p.box(yb - height, yb - height * body[2], left, x + width / 2, kind, p.colour(body[0], body[1]), d):
+        return False
+    pane = p.colour(glass[0], glass[1])
+    margin, span, filled = spacing
+    for i in range(n):
+        p.box(yb - height * rows[0], yb - height * rows[1], left + width * (margin + span * i / n),
+              left + width * (margin + span * (i + filled) / n), kind, pane, d)
+    p.box(yb - height * stripe[2], yb - height * stripe[3], left, x + width / 2, kind, p.colour(stripe[0], stripe[1]), d)
+    return True

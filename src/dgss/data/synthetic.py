@@ -36,7 +36,8 @@ from PIL import Image
 from .base import Sample, SegmentationDataset
 from .image_io import DataError
 from .labels import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, TRAIN_ID_TO_LABEL_ID
-from .scene_layout import BUILDING, ROAD, SKY, STREET, WIDE_ANGLE, LayoutStats, Scene, build_scene
+from .scene_layout import (BUILDING, ROAD, SKY, STREET, OBJECT_STYLES, WIDE_ANGLE, LayoutStats, Scene,
+                           build_scene)
 
 __all__ = ["DOMAINS", "ALL_DOMAINS", "DomainStyle", "DOMAIN_STYLES", "SEVERITY_STYLES", "generate", "write_gtav_layout",
            "write_cityscapes_layout", "SyntheticDataset",
@@ -226,10 +227,15 @@ def _render(scene: Scene, style: DomainStyle, rng: np.random.Generator) -> np.nd
     return np.dstack([planes[0], planes[1], planes[2]])
 
 
-def generate(domain: str, seed: int, size: Sequence[int] = (128, 256)) -> tuple[np.ndarray, np.ndarray]:
-    """One scene: (H x W x 3 uint8 RGB image, H x W uint8 train ids), deterministic in (domain, seed, size).
+def generate(domain: str, seed: int, size: Sequence[int] = (128, 256), objects: str = "plain"
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """One scene: (H x W x 3 uint8 RGB image, H x W uint8 train ids), deterministic in (domain, seed, size,
+    objects).
 
-    Every domain but "geometry" shares the layout of a seed (same label map).
+    Every domain but "geometry" shares the layout of a seed (same label map). ``objects``: "plain" (the
+    demo world's and the SSL pool's) or "visible" (the DG testbed's: trucks, buses and trains each have
+    their own shape, parts and liveries, and traffic signs are at least a token wide; see
+    ``dgss.data.scene_layout.OBJECT_STYLES``).
     """
     if domain not in _ALL_STYLES:
         import difflib
@@ -241,7 +247,7 @@ def generate(domain: str, seed: int, size: Sequence[int] = (128, 256)) -> tuple[
         raise ValueError(f"synthetic images need at least 16 x 16 pixels, got {height} x {width}")
     style = _ALL_STYLES[domain]
     layout_family = 1 if style.layout is WIDE_ANGLE else 0
-    scene = build_scene(np.random.default_rng([seed, layout_family, 0]), (height, width), style.layout)
+    scene = build_scene(np.random.default_rng([seed, layout_family, 0]), (height, width), style.layout, objects)
     image = _render(scene, style, np.random.default_rng([seed, _STYLE_INDEX[domain], 1]))
     return image, scene.label
 
@@ -291,14 +297,15 @@ def write_cityscapes_layout(root: str | Path, domain: str = "textured", n: int =
 
 _SPLIT_OFFSETS = {"train": 0, "all": 0, "val": 10_000_000, "test": 20_000_000}
 
-# The DG testbed's classes (dgss.demo.testbed): the 19 train ids merged to the 11 that are at least one
+# The DG testbed's classes (dgss.demo.testbed): the 19 train ids merged to the 12 that are at least one
 # 8-pixel token thick at the median (the thickest part of a class in an image, median over images, at
-# 128 x 256; measured in docs/dg_benchmark.md). wall and fence join building (Cityscapes' "construction"),
-# rider joins person; pole, traffic light, traffic sign, motorcycle and bicycle (2-6 px) are ignored (255).
+# 128 x 256, in the testbed's scenes: objects="visible"; measured in docs/dg_benchmark.md). wall and fence
+# join building (Cityscapes' "construction"), rider joins person; pole, traffic light, motorcycle and
+# bicycle (2-6 px) are ignored (255).
 TESTBED_CLASSES = ("road", "sidewalk", "building", "vegetation", "terrain", "sky", "person", "car", "truck",
-                   "bus", "train")
+                   "bus", "train", "traffic sign")
 TESTBED_OF_TRAIN_ID = np.full(256, 255, np.uint8)
-TESTBED_OF_TRAIN_ID[:19] = [0, 1, 2, 2, 2, 255, 255, 255, 3, 4, 5, 6, 6, 7, 8, 9, 10, 255, 255]
+TESTBED_OF_TRAIN_ID[:19] = [0, 1, 2, 2, 2, 255, 255, 11, 3, 4, 5, 6, 6, 7, 8, 9, 10, 255, 255]
 LABEL_SETS = {"cityscapes": (CITYSCAPES_CLASSES, np.arange(256, dtype=np.uint8)),
               "testbed": (TESTBED_CLASSES, TESTBED_OF_TRAIN_ID)}
 
@@ -310,19 +317,23 @@ class SyntheticDataset(SegmentationDataset):
 
     Options: ``domain`` (default "clean"; any of ``ALL_DOMAINS``), ``num_images`` (64), ``size`` [H, W]
     ([128, 256]), ``seed`` (0), ``label_set`` ("cityscapes": the 19 train ids; "testbed": the DG
-    testbed's 11 merged classes, ``TESTBED_CLASSES``). ``root`` is not used.
+    testbed's 12 merged classes, ``TESTBED_CLASSES``), ``objects`` ("plain"; "visible": the testbed's
+    objects, see :func:`generate`). ``root`` is not used.
     """
 
     layout = "synthetic"
 
     def __init__(self, root: str = "", split: str = "train", *, domain: str = "clean", num_images: int = 64,
                  size: Sequence[int] = (128, 256), seed: int = 0, with_labels: bool = True,
-                 label_set: str = "cityscapes", **common) -> None:
+                 label_set: str = "cityscapes", objects: str = "plain", **common) -> None:
         if domain not in _ALL_STYLES:
             generate(domain, 0)  # raises the error that names the closest domain
         if label_set not in LABEL_SETS:
             raise DataError(f"synthetic dataset: unknown label_set {label_set!r} (valid: {', '.join(LABEL_SETS)})")
         classes, self._label_table = LABEL_SETS[label_set]
+        if objects not in OBJECT_STYLES:
+            raise DataError(f"synthetic dataset: unknown objects {objects!r} (valid: {', '.join(OBJECT_STYLES)})")
+        self.objects = objects
         if num_images < 1 or len(size) != 2:
             raise DataError(f"synthetic dataset needs num_images >= 1 and size [H, W], got {num_images}, {size}")
         offset = 0 if common.get("train") else _SPLIT_OFFSETS.get(split)
@@ -337,7 +348,7 @@ class SyntheticDataset(SegmentationDataset):
 
     def load(self, index: int):
         sample = self.samples[index]
-        image, label = generate(self.domain, int(sample.rel.rsplit("_", 1)[1]), self.size)
+        image, label = generate(self.domain, int(sample.rel.rsplit("_", 1)[1]), self.size, self.objects)
         if self.corruption is not None:
             image = self.corruption(image, index)
         return image, (self._label_table[label] if sample.label is not None else None)

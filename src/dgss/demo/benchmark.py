@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -178,17 +180,26 @@ def _workers_die_with_this_process(pool):
     """Run ``pool``; if this process is stopped (SIGTERM, Ctrl-C, an error), kill its workers rather than
     wait for them or leave them running as orphans (measured: a SIGTERM to the driver alone left both
     workers training). A run a worker had not finished is trained again by the next ``--resume``."""
+    def kill_workers():
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.kill()
+
     previous = None
     if threading.current_thread() is threading.main_thread():
         def stop(signum, frame):
-            raise SystemExit(128 + signum)
+            # exit at once: raising SystemExit here left the interpreter's exit joining the pool's manager
+            # thread, which could hang on a worker killed mid-start (seen once under load: the driver
+            # outlived the SIGTERM by 30 s). Finished runs are already on disk (atomic writes).
+            kill_workers()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + signum)
 
         previous = signal.signal(signal.SIGTERM, stop)
     try:
         yield
     except BaseException:
-        for process in list((getattr(pool, "_processes", None) or {}).values()):
-            process.kill()
+        kill_workers()
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     else:

@@ -57,10 +57,12 @@ DEMO_SEEDS = (0, 1, 2)
 QUICK_BUDGET = DemoBudget(iters=40, train_images=64, eval_images=6, fisher_batches=4, overlay_images=1)
 
 
-def _synthetic(domain: str, split: str, n: int, label_set: str = "cityscapes") -> dict:
+def _synthetic(domain: str, split: str, n: int, label_set: str = "cityscapes", objects: str = "plain") -> dict:
     options = {"domain": domain, "num_images": n, "size": IMAGE_SIZE}
     if label_set != "cityscapes":
         options["label_set"] = label_set
+    if objects != "plain":
+        options["objects"] = objects
     return {"type": "synthetic", "split": split, "name": domain, "options": options}
 
 
@@ -116,10 +118,11 @@ def demo_config(method: str, *, budget: DemoBudget, out_dir: str | Path, weights
                            "delta_min": 0.01, "delta_max": 0.05},
         },
         "data": {
-            "train": [_synthetic(world.source, "train", budget.train_images, world.label_set)],
+            "train": [_synthetic(world.source, "train", budget.train_images, world.label_set, world.objects)],
             # the source val split, then the validation shift family (model and setting selection only)
-            "val": [_synthetic(d, "val", budget.eval_images, world.label_set) for d in (world.source, *world.validation)],
-            "test": [_synthetic(d, "val", budget.eval_images, world.label_set) for d in targets],
+            "val": [_synthetic(d, "val", budget.eval_images, world.label_set, world.objects)
+                    for d in (world.source, *world.validation)],
+            "test": [_synthetic(d, "val", budget.eval_images, world.label_set, world.objects) for d in targets],
             "crop_size": [crop, crop],
             "scales": [crop, crop + crop // 4, crop + crop // 2, 2 * crop],  # random short side, 1x-2x
             "num_workers": 0,
