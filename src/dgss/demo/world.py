@@ -13,8 +13,9 @@ architecture and file, and the head. Both worlds render the same procedural stre
 * ``testbed`` (``benchmarks/bench_dg.py``): 12 classes, each at least one token thick at the median,
   in scenes whose objects are drawn "visible" (trucks, buses and trains told apart by shape and livery,
   traffic signs a token wide; the pool's and the demo's are "plain"), patch 8 (16 x 16 tokens on a
-  128 crop), four target families at two severities each (night, which the foundation never saw, fog, rain, colour shift), a blur validation family, and the label-free
-  foundation (:mod:`dgss.demo.foundation_ssl`).
+  128 crop), four target families at two severities each (night, which the foundation never saw, fog,
+  rain, colour shift), a blur validation family, and the label-free foundation
+  (:mod:`dgss.demo.foundation_ssl`).
 """
 
 from __future__ import annotations
