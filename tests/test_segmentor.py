@@ -106,6 +106,30 @@ def test_light_fpn_head_trains_with_per_pixel_cross_entropy():
         build_segmentor(tiny_config("model.head.type=fnp"))
 
 
+def test_linear_head_is_one_affine_map_of_the_token_grid_features():
+    """Oracle: the logits are W . BN(concat of the four maps at the stride-16 grid) + b, per token."""
+    model = build_segmentor(tiny_config("model.head.type=linear", "method.name=frozen")).train()
+    head = model.head
+    images, labels = blocky_batch()
+    features = model.forward_features(images)
+    grid = features[2].shape[-2:]
+    assert grid == (4, 4)  # a 64 px image, patch 16
+    stacked = torch.cat([F.interpolate(f, size=grid, mode="bilinear", align_corners=False) for f in features], 1)
+    mean, var = stacked.mean((0, 2, 3)), stacked.var((0, 2, 3), unbiased=False)
+    normed = (stacked - mean[:, None, None]) / (var[:, None, None] + head.norm.eps).sqrt()
+    weight = head.classifier.weight[:, :, 0, 0]
+    expected = torch.einsum("kc,bchw->bkhw", weight, normed) + head.classifier.bias[:, None, None]
+    out = head(features)["logits"]
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    losses = model.loss(images, labels)
+    assert set(losses) == {"loss", "loss_ce"}
+    losses["loss"].backward()
+    assert all(p.grad is not None for p in head.parameters())
+    assert not any(p.grad is not None for p in model.backbone.parameters())
+    model.eval()
+    assert model.predict(images).shape == (2, 4, 64, 64)
+
+
 @pytest.mark.parametrize("content", ["querys2feat", "learned"])
 def test_method_queries_reach_the_head_once_per_forward(content):
     backbone = build_backbone("dinov2_s", img_size=64, depth=4, embed_dim=32, num_heads=2)

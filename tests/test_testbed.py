@@ -372,13 +372,14 @@ def test_lp_ft_and_wise_ft_through_the_engine(tmp_path, tiny_testbed_foundation)
     assert records[2]["config"]["method"]["soma"]["init"] == "public_code"
     assert records[2]["config"]["train"]["ema"]["enabled"] is False
     assert list(records[0]["curve"][-1]["miou"]) == list(TESTBED_WORLD.evaluated)
-    # the testbed's recipe (P1): head lr 3e-3 after 50 warm-up iterations (at most an eighth of the run);
-    # Full's backbone at its 0.1 multiplier
+    # the testbed's recipe (P1): a linear head at lr 1e-2 after 50 warm-up iterations (at most an eighth of
+    # the run); Full's backbone at its 0.1 multiplier
     train = records[1]["config"]["train"]
-    assert (train["lr"], train["warmup_iters"]) == (3e-3, 0) and records[1]["config"]["method"]["backbone_lr_mult"] == 0.1
+    assert (train["lr"], train["warmup_iters"]) == (1e-2, 0) and records[1]["config"]["method"]["backbone_lr_mult"] == 0.1
+    assert records[1]["config"]["model"]["head"]["type"] == "linear"
     default = demo_config("frozen", budget=TESTBED_BUDGETS["default"], out_dir=tmp_path, world=TESTBED_WORLD,
                           weights=tiny_testbed_foundation)
-    assert (default.train.lr, default.train.warmup_iters) == (3e-3, 50)
+    assert (default.train.lr, default.train.warmup_iters) == (1e-2, 50)
     pretrained = load_file(tiny_testbed_foundation)
     full = load_file(str(tmp_path / "bench/runs/full/seed0/model_final.safetensors"))
     wise = load_file(str(tmp_path / "bench/runs/wise-ft/seed0/model_final.safetensors"))

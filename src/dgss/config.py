@@ -70,7 +70,7 @@ class ConfigError(ValueError):
 class HeadConfig:
     """Decode head. Defaults are the Mask2Former head of Rein and FisherTune (protocols.md)."""
 
-    type: str = "mask2former"  # "mask2former" | "fpn" (light per-pixel CE head)
+    type: str = "mask2former"  # "mask2former" | "fpn" (light per-pixel CE head) | "linear" (linear probe)
     num_classes: int = 19
     num_queries: int = 100
     hidden_dim: int = 256  # also the light head's width
