@@ -281,3 +281,17 @@ def test_source_diagnostic_merges_the_vehicle_classes_by_summing_their_confusion
     # road 10/11; car 5/(7+8-5)=0.5; truck 1/(4+3-1); bus 0/1 -> mean over the 4 present classes
     assert per_class[0] == pytest.approx(100 * 10 / 11) and per_class[1] == pytest.approx(50.0)
     assert miou == pytest.approx(100 * (10 / 11 + 0.5 + 1 / 6 + 0) / 4)
+
+
+def test_source_probe_adds_overrides_and_evaluates_no_target(tmp_path, capsys, monkeypatch):
+    import bench_dg_probe
+
+    monkeypatch.setattr("dgss.demo.benchmark.ROWS", dict(ROWS))  # the probe rewrites its rows' overrides
+
+    bench_dg_probe.main([str(tmp_path), "frozen", "model.head.type=fpn", "--smoke"])
+    record = json.loads((tmp_path / "runs/frozen/seed0" / RESULT_FILE).read_text())
+    assert record["config"]["model"]["head"]["type"] == "fpn"
+    assert set(record["curve"][-1]["miou"]) == {"clean", "blur-1", "blur-2"}  # source and validation only
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("frozen ")
+    with pytest.raises(SystemExit):
+        bench_dg_probe.main([str(tmp_path), "no-such-row"])
