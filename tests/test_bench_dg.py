@@ -295,3 +295,55 @@ def test_source_probe_adds_overrides_and_evaluates_no_target(tmp_path, capsys, m
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("frozen ")
     with pytest.raises(SystemExit):
         bench_dg_probe.main([str(tmp_path), "no-such-row"])
+
+
+def test_resume_accepts_a_run_made_before_an_option_existed_or_from_another_checkout(tmp_path):
+    """A saved config that lacks a newer option (which the new config gives its default), or names the
+    same weights file under another path, is the same experiment; any real change is not."""
+    import shutil
+
+    from dgss.config import to_dict
+    from dgss.demo.benchmark import _finished_record
+    from dgss.demo.world import TESTBED_WORLD, resolve_weights
+    from dgss.fileio import file_sha256
+
+    weights = resolve_weights("ssl-foundation")
+    moved = tmp_path / "other_checkout" / Path(weights).name
+    moved.parent.mkdir()
+    shutil.copyfile(weights, moved)
+    sha = file_sha256(weights)
+    config = to_dict(demo_config("frozen", budget=SMOKE_BUDGET, out_dir=tmp_path, weights="ssl-foundation",
+                                 world=TESTBED_WORLD))
+    assert config["method"]["rein"]["lr_mult"] == 1.0  # Frozen's config keeps the Reins' default
+
+    def saved(edit):
+        old = json.loads(json.dumps(config))
+        edit(old)
+        path = tmp_path / "benchmark.json"
+        path.write_text(json.dumps({"weights_sha256": sha, "config": old}))
+        return _finished_record(path, config, sha) is not None
+
+    assert saved(lambda c: None)
+    assert saved(lambda c: c["method"]["rein"].pop("lr_mult"))  # made before method.rein.lr_mult existed
+    assert not saved(lambda c: c["method"]["rein"].update(lr_mult=0.5))
+    assert saved(lambda c: c["model"].update(weights=str(moved)))  # the same file, another checkout
+    assert saved(lambda c: c["model"].update(weights=str(tmp_path / "gone" / moved.name)))  # gone, same name
+    assert not saved(lambda c: c["model"].update(weights=str(tmp_path / "gone" / "other.safetensors")))
+    moved.write_bytes(b"other weights")
+    assert not saved(lambda c: c["model"].update(weights=str(moved)))
+    assert not saved(lambda c: c["train"].update(iters=config["train"]["iters"] + 1))
+    assert not saved(lambda c: c["data"]["test"][0]["options"].pop("num_images"))  # list items: no default
+
+
+def test_a_worlds_method_options_reach_only_that_methods_rows(tmp_path):
+    from dgss.demo.world import TESTBED_WORLD
+
+    assert TESTBED_WORLD.method_options == {"rein": {"lr_mult": 0.1}}
+    rein = demo_config("rein", budget=SMOKE_BUDGET, out_dir=tmp_path, weights="ssl-foundation", world=TESTBED_WORLD)
+    assert rein.method.rein.lr_mult == 0.1 and rein.method.rein.num_tokens == 24  # merged, not replaced
+    other = demo_config("fishertune", budget=SMOKE_BUDGET, out_dir=tmp_path, weights="ssl-foundation",
+                        world=TESTBED_WORLD)
+    assert other.method.rein.lr_mult == 1.0
+    row_override = demo_config("rein", budget=SMOKE_BUDGET, out_dir=tmp_path, weights="ssl-foundation",
+                               world=TESTBED_WORLD, overrides=["method.rein.lr_mult=1.0"])
+    assert row_override.method.rein.lr_mult == 1.0  # a row's overrides come last

@@ -88,6 +88,12 @@ def test_dinov2_l_lora_rein_has_exactly_2990081_trainable_parameters():
     for name, p in method.named_parameters():
         expect_no_decay = name in {"reins.learnable_tokens_a", "reins.learnable_tokens_b", "reins.scale"}
         assert (id(p) in no_decay) == expect_no_decay, name
+    # the official configs: the Reins train at the head's lr; lr_mult scales it (and only them)
+    assert {g["lr"] for g in groups} == {1e-4}
+    method.lr_mult = 0.1
+    scaled = method.parameter_groups(lr=1e-4, weight_decay=0.05, backbone_lr_mult=0.5)
+    assert [g["lr"] for g in scaled] == pytest.approx([1e-5] * len(scaled))
+    assert sum(p.numel() for g in scaled for p in g["params"]) == 2_990_081
 
 
 def test_init_ranges_follow_the_formula():

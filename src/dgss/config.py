@@ -123,6 +123,9 @@ class ReinConfig:
     query_dim: int = 256  # Q
     link: Literal["max_mean_last"] = "max_mean_last"
     scale_init: float = 1e-3
+    # lr multiplier of the Reins' tensors (tokens, MLPs, scale). The official configs train them at the
+    # head's lr (1.0); a world whose head lr is a linear probe's may want them slower (the testbed: 0.1)
+    lr_mult: float = 1.0
 
 
 @dataclass

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from ..config import config_differences, to_dict
+from ..config import ExperimentConfig, config_differences, to_dict
 from ..fileio import file_sha256
 from ..tuning import METHODS as TUNING_METHODS
 from .run import DemoBudget, demo_config, pick_threads, run_method
@@ -134,9 +134,41 @@ def _finished_record(path: Path, config: dict, weights_sha256: str) -> Optional[
         return None
     if not isinstance(saved, dict) or saved.get("weights_sha256") != weights_sha256:
         return None
-    if config_differences(saved.get("config") or {}, config, ignore=_RESUME_IGNORED):
-        return None
+    old = saved.get("config") or {}
+    for key in config_differences(old, config, ignore=_RESUME_IGNORED):
+        if key == "model.weights" and _same_weights(old["model"]["weights"], config["model"]["weights"], weights_sha256):
+            continue
+        if not _new_option_at_default(old, config, key):
+            return None
     return saved
+
+
+def _same_weights(old: Optional[str], new: Optional[str], run_sha256: str) -> bool:
+    """The same weights file under another path (another checkout of the package, whose assets the
+    foundation aliases resolve to): the same content, or, when the old path is gone, the same name and
+    the content the run recorded (``weights_sha256``)."""
+    if old is None or new is None or not Path(new).is_file():
+        return old == new
+    new_sha256 = file_sha256(new)
+    if Path(old).is_file():
+        return file_sha256(old) == new_sha256
+    return Path(old).name == Path(new).name and new_sha256 == run_sha256
+
+
+def _new_option_at_default(old: dict, new: dict, key: str) -> bool:
+    """True when the dotted ``key`` is absent from the saved config ``old`` (the option did not exist
+    when the run was made) and ``new`` gives it its default: the run ran as the option's default runs."""
+    node, default = old, dataclasses.asdict(ExperimentConfig())
+    value = new
+    for part in key.split("."):
+        if isinstance(value, list):  # options inside list items (datasets) have no one default here
+            return False
+        value = value.get(part) if isinstance(value, dict) else None
+        default = default.get(part) if isinstance(default, dict) else None
+        if isinstance(node, dict) and part not in node:
+            return value == default
+        node = node.get(part) if isinstance(node, dict) else None
+    return False
 
 
 def _line(record: dict) -> str:

@@ -134,6 +134,8 @@ def demo_config(method: str, *, budget: DemoBudget, out_dir: str | Path, weights
                   "log_interval": max(budget.iters // 4, 1)},
         "eval": {"mode": "whole"},
     }
+    if method in world.method_options:  # only the row's own method: the other sections keep their defaults
+        raw["method"][method] = {**raw["method"].get(method, {}), **world.method_options[method]}
     if override_items:
         raw = apply_overrides(raw, override_items)
     return from_dict(ExperimentConfig, raw, source="the demo's experiment" + (" with overrides" if overrides else ""))

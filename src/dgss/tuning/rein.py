@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .base import TuningMethod, count_trainable
+from .base import TuningMethod, count_trainable, decay_groups
 
 __all__ = [
     "TOKEN_INIT_PATCH_SIZE",
@@ -236,6 +236,7 @@ class Rein(TuningMethod):
         lora_rank: Optional[int] = 16,
         query_dim: int = 256,
         scale_init: float = 1e-3,
+        lr_mult: float = 1.0,
     ) -> None:
         """Size the Reins for ``backbone`` (L, C per site); :meth:`attach` then hooks them in.
 
@@ -244,8 +245,12 @@ class Rein(TuningMethod):
             lora_rank: r of the LoRA tokens; None for plain L x M x C tokens.
             query_dim: Q, the head's query width.
             scale_init: initial value of the learnable ``scale``.
+            lr_mult: the Reins' lr is the head's times this (1.0 in the official configs).
         """
         super().__init__()
+        if not lr_mult > 0:
+            raise ValueError(f"method.rein.lr_mult must be > 0, got {lr_mult}")
+        self.lr_mult = float(lr_mult)
         self.sites = rein_sites(backbone)
         self.token_layout = backbone.token_layout
         self.num_prefix_tokens = backbone.num_prefix_tokens
@@ -264,6 +269,13 @@ class Rein(TuningMethod):
         # rein.md: SAM keeps the head's learned content queries; elsewhere they are querys2feat(queries).
         self.query_content = "learned" if backbone.family == "sam" else "querys2feat"
         self._hook_handles: list = []
+
+    def parameter_groups(self, lr: float, weight_decay: float, backbone_lr_mult: float = 1.0) -> list[dict]:
+        """The Reins at lr x ``lr_mult``, the neck (if any) at lr; the backbone trains nothing."""
+        groups = decay_groups(self.named_parameters(), lr * self.lr_mult, weight_decay)
+        if self.backbone.neck is not None:
+            groups += decay_groups(self.backbone.neck.named_parameters(), lr, weight_decay)
+        return groups
 
     @property
     def reins_groups(self) -> list[Reins]:
@@ -342,6 +354,7 @@ def build_rein(cfg, backbone) -> Rein:
         lora_rank=rein_cfg.lora_rank,
         query_dim=rein_cfg.query_dim,
         scale_init=rein_cfg.scale_init,
+        lr_mult=rein_cfg.lr_mult,
     )
 
 
