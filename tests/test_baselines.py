@@ -131,6 +131,16 @@ def test_full_defaults_to_backbone_lr_x_0_1_and_frozen_runs_without_gradient():
     lrs = {g["lr"] for g in build_optimizer(model, cfg.train, cfg.method.backbone_lr_mult).param_groups
            if any(id(p) in backbone_ids for p in g["params"])}
     assert sorted(lrs) == pytest.approx([5e-4])
+    # LoRA's factors stand for backbone updates: at the head's lr by default, scaled by the multiplier
+    for mult, expected in ((None, 5e-3), (0.1, 5e-4)):
+        lora_cfg = tiny_cfg("lora", *([f"method.backbone_lr_mult={mult}"] if mult else []))
+        lora = build_segmentor(lora_cfg)
+        factor_ids = {id(p) for p in lora.method.lora.parameters()}
+        groups = build_optimizer(lora, lora_cfg.train, lora_cfg.method.backbone_lr_mult).param_groups
+        factor_lrs = {g["lr"] for g in groups if any(id(p) in factor_ids for p in g["params"])}
+        assert sorted(factor_lrs) == pytest.approx([expected]), mult
+        assert sum(p.numel() for g in groups for p in g["params"] if id(p) in factor_ids) == \
+            sum(p.numel() for p in lora.method.lora.parameters())
     frozen = build_segmentor(tiny_cfg("frozen")).train()
     assert not frozen.backbone.model.training  # eval mode: no drop-path, no statistics updates
     feats = frozen.forward_features(torch.randn(1, 3, 64, 64))

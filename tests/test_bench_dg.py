@@ -335,15 +335,22 @@ def test_resume_accepts_a_run_made_before_an_option_existed_or_from_another_chec
     assert not saved(lambda c: c["data"]["test"][0]["options"].pop("num_images"))  # list items: no default
 
 
-def test_a_worlds_method_options_reach_only_that_methods_rows(tmp_path):
+def test_a_worlds_method_overrides_reach_only_that_methods_rows(tmp_path):
     from dgss.demo.world import TESTBED_WORLD
 
-    assert TESTBED_WORLD.method_options == {"rein": {"lr_mult": 0.1}}
-    rein = demo_config("rein", budget=SMOKE_BUDGET, out_dir=tmp_path, weights="ssl-foundation", world=TESTBED_WORLD)
+    def config(method, *overrides):
+        return demo_config(method, budget=SMOKE_BUDGET, out_dir=tmp_path, weights="ssl-foundation",
+                           world=TESTBED_WORLD, overrides=list(overrides))
+
+    rein = config("rein")
     assert rein.method.rein.lr_mult == 0.1 and rein.method.rein.num_tokens == 24  # merged, not replaced
-    other = demo_config("fishertune", budget=SMOKE_BUDGET, out_dir=tmp_path, weights="ssl-foundation",
-                        world=TESTBED_WORLD)
-    assert other.method.rein.lr_mult == 1.0
-    row_override = demo_config("rein", budget=SMOKE_BUDGET, out_dir=tmp_path, weights="ssl-foundation",
-                               world=TESTBED_WORLD, overrides=["method.rein.lr_mult=1.0"])
-    assert row_override.method.rein.lr_mult == 1.0  # a row's overrides come last
+    assert rein.method.backbone_lr_mult == 1.0
+    for method in ("lora", "soma", "fishertune", "full", "lp-ft"):  # one lr (1e-3) for every adapting tensor
+        cfg = config(method)
+        assert cfg.train.lr * cfg.method.backbone_lr_mult == pytest.approx(1e-3), method
+        assert cfg.method.rein.lr_mult == 1.0, method  # another method's section keeps its defaults
+    assert config("frozen").method.backbone_lr_mult == 1.0
+    assert config("rein", "method.rein.lr_mult=1.0").method.rein.lr_mult == 1.0  # a row's own override wins
+    assert config("soma", "method.soma.start_block=2").method.backbone_lr_mult == 0.1
+    demo = demo_config("soma", budget=SMOKE_BUDGET, out_dir=tmp_path, weights=None)  # the demo world: none
+    assert demo.method.backbone_lr_mult == 0.5

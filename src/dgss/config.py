@@ -294,7 +294,8 @@ class MethodConfig:
 
     # frozen | full | lp-ft | rein | fishertune | lora | vpt | adaptformer | vqt | childtune-f | childtune-d | soma
     name: str = "frozen"
-    # lr multiplier of the pretrained backbone's trainable tensors; null: the method's default
+    # lr multiplier of the pretrained backbone's trainable tensors and of the tensors that stand for
+    # their updates (LoRA's and SoMA's factors, FisherTune's delta); null: the method's default
     # (DEFAULT_BACKBONE_LR_MULT: 0.1 for full and childtune-f, 0.5 for soma, else 1.0), resolved when the
     # config is built
     backbone_lr_mult: Optional[float] = None

@@ -94,7 +94,8 @@ def demo_config(method: str, *, budget: DemoBudget, out_dir: str | Path, weights
 
     world = world or DEMO_WORLD
     targets = tuple(targets) if targets is not None else world.targets
-    override_items = parse_overrides(list(overrides)) if overrides else []
+    # the world's overrides of this method's rows come first, so a row's own override wins
+    override_items = parse_overrides([*world.method_overrides.get(method, ()), *overrides])
     for key, value in override_items:  # a row's own foundation (or none): its architecture follows the file
         if key == "model.weights":
             weights = value
@@ -134,11 +135,9 @@ def demo_config(method: str, *, budget: DemoBudget, out_dir: str | Path, weights
                   "log_interval": max(budget.iters // 4, 1)},
         "eval": {"mode": "whole"},
     }
-    if method in world.method_options:  # only the row's own method: the other sections keep their defaults
-        raw["method"][method] = {**raw["method"].get(method, {}), **world.method_options[method]}
     if override_items:
         raw = apply_overrides(raw, override_items)
-    return from_dict(ExperimentConfig, raw, source="the demo's experiment" + (" with overrides" if overrides else ""))
+    return from_dict(ExperimentConfig, raw, source="the demo's experiment" + (" with overrides" if override_items else ""))
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .base import TuningMethod, require_token_backbone
+from .base import TuningMethod, decay_groups, require_token_backbone
 
 __all__ = ["LoRA", "build_lora", "lora_target_names", "merged_weight", "TARGETS"]
 
@@ -109,6 +109,14 @@ class LoRA(TuningMethod):
 
     def trainable_backbone_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         return iter(())  # the pretrained tensors never train; the factors are the method's own
+
+    def parameter_groups(self, lr: float, weight_decay: float, backbone_lr_mult: float = 1.0) -> list[dict]:
+        """The factors stand for updates of backbone weights: lr x ``backbone_lr_mult`` (1.0 by default,
+        the factors at the head's lr), as SoMA's factors and FisherTune's delta; the neck (if any) at lr."""
+        groups = decay_groups(self.named_parameters(), lr * backbone_lr_mult, weight_decay)
+        if self.backbone.neck is not None:
+            groups += decay_groups(self.backbone.neck.named_parameters(), lr, weight_decay)
+        return groups
 
     def train(self, mode: bool = True):
         super().train(mode)
