@@ -387,8 +387,32 @@ def test_lp_ft_and_wise_ft_through_the_engine(tmp_path, tiny_testbed_foundation)
     full_key = next(k for k in full if k.endswith(key) and "backbone" in k)
     assert not torch.equal(full[full_key], pretrained[key])  # full fine-tuning moved it
     assert torch.allclose(wise[full_key], 0.5 * pretrained[key] + 0.5 * full[full_key], atol=1e-6)
-    head = next(k for k in full if k.startswith("head.") or ".head." in k)
-    assert torch.equal(wise[head], full[head])  # the fine-tuned head is kept
+    heads = [k for k in full if k.startswith("head.")]
+    stats = [k for k in heads if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(not torch.equal(wise[k], full[k]) for k in stats)  # BatchNorm statistics re-estimated
+    assert all(torch.equal(wise[k], full[k]) for k in heads if k not in stats and "num_batches" not in k)
+    assert records[1]["config"]["derived"]["bn_batches"] == 64
+
+
+def test_batch_norm_statistics_are_the_plain_average_over_the_source_batches(tmp_path):
+    from torch import nn
+
+    from dgss.data import build_train_loader
+    from dgss.demo.benchmark import SMOKE_BUDGET, recalibrate_batch_norm
+
+    cfg = demo_config("frozen", budget=SMOKE_BUDGET, out_dir=tmp_path, world=TESTBED_WORLD, weights="ssl-foundation")
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.Dropout(0.9))
+    model[1].momentum = 0.3
+    assert recalibrate_batch_norm(model, cfg, 3) == 1
+    batches = iter(build_train_loader(cfg, num_workers=0))
+    with torch.no_grad():
+        feats = [model[0](next(batches)["image"]) for _ in range(3)]
+    means = torch.stack([f.mean(dim=(0, 2, 3)) for f in feats])
+    variances = torch.stack([f.transpose(0, 1).flatten(1).var(dim=1) for f in feats])  # unbiased, as BatchNorm
+    assert torch.allclose(model[1].running_mean, means.mean(0), atol=1e-5)
+    assert torch.allclose(model[1].running_var, variances.mean(0), atol=1e-4)
+    assert model[1].momentum == 0.3 and not model.training  # put back, in eval mode
+    assert recalibrate_batch_norm(nn.Sequential(nn.LayerNorm(3)), cfg, 3) == 0
 
 
 def test_frozen_trained_twice_as_long_runs_one_seed_as_p1_reads_one():
