@@ -18,6 +18,7 @@ from dgss.demo.benchmark import SMOKE_BUDGET
 from dgss.demo.run import demo_config
 from dgss.demo.ssl import SelfDistillation, SSLRecipe, encode_tokens, multi_crop, random_patch_masks
 from dgss.demo.world import TESTBED_WORLD, foundation_architecture
+from dgss.fileio import file_sha256
 
 TINY = dict(backbone="dinov2_s", img_size=32, patch_size=8, backbone_kwargs=dict(depth=2, embed_dim=32, num_heads=2))
 TINY_SSL = dict(prototypes=32, head_hidden=32, head_bottleneck=16, global_size=32, local_size=16, local_crops=2,
@@ -392,6 +393,20 @@ def test_lp_ft_and_wise_ft_through_the_engine(tmp_path, tiny_testbed_foundation)
     assert stats and all(not torch.equal(wise[k], full[k]) for k in stats)  # BatchNorm statistics re-estimated
     assert all(torch.equal(wise[k], full[k]) for k in heads if k not in stats and "num_batches" not in k)
     assert records[1]["config"]["derived"]["bn_batches"] == 64
+
+    # only the records travel (benchmarks/results keeps benchmark.json in git): with Full's model file gone,
+    # WiSE-FT is still the same experiment, since Full's record names its model's content
+    full_model = tmp_path / "bench/runs/full/seed0/model_final.safetensors"
+    full_record = json.loads((tmp_path / "bench/runs/full/seed0/benchmark.json").read_text())
+    assert full_record["model_sha256"] == file_sha256(str(full_model)) == records[1]["config"]["derived"]["base_sha256"]
+    full_model.unlink()
+    again = run_seeded(["wise-ft"], [0], SMOKE_BUDGET, tmp_path / "bench", curve_points=1,
+                       weights=tiny_testbed_foundation, world=TESTBED_WORLD, log=lambda line: None)
+    assert again[0]["skipped"] and again[0]["curve"] == records[1]["curve"]
+    (tmp_path / "bench/runs/wise-ft/seed0/benchmark.json").unlink()  # and to derive it again, the file is needed
+    with pytest.raises(FileNotFoundError, match="full seed 0 again"):
+        run_seeded(["wise-ft"], [0], SMOKE_BUDGET, tmp_path / "bench", curve_points=1,
+                   weights=tiny_testbed_foundation, world=TESTBED_WORLD, log=lambda line: None)
 
 
 def test_batch_norm_statistics_are_the_plain_average_over_the_source_batches(tmp_path):

@@ -92,6 +92,10 @@ class HeadConfig:
     mask_weight: float = 5.0
     dice_weight: float = 5.0
     no_object_weight: float = 0.1
+    # AdamW weight decay of the head's parameters (not its norms: NO_DECAY_KEYWORDS); None: train.weight_decay, as
+    # the papers' recipes (one decay for everything). The DG testbed's linear probe sets its own
+    # (dgss.demo.world: an L2-regularised probe, whose solution the seed does not choose)
+    weight_decay: Optional[float] = None
 
 
 @dataclass

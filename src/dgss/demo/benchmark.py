@@ -335,6 +335,8 @@ def _save_record(cfg, record: dict) -> None:
 def _run_sequential(rows: Sequence[str], seeds: Sequence[int], *, budget: DemoBudget, out_dir: str, device: str,
                     threads: Optional[int], curve_points: int, weights: str, targets, resume: bool, progress: bool,
                     quiet: bool, keep_fisher_scores: bool, run_name, on_run, log, world) -> dict:
+    from ..engine.trainer import FINAL_MODEL_NAME
+
     pick_threads(threads)
     weights_sha256 = file_sha256(weights)
     jobs = [(row, seed) for row in rows for seed in seeds_of(row, seeds)]
@@ -361,7 +363,10 @@ def _run_sequential(rows: Sequence[str], seeds: Sequence[int], *, budget: DemoBu
         record = {"row": row, "method": method, "overrides": list(overrides), "seed": seed,
                   "run_dir": str(cfg.run_dir), "trainable": result.trainable, "seconds": round(result.seconds, 2),
                   "curve": curve, "target_mean": _target_mean(curve[-1]["miou"], targets),
-                  "weights": weights, "weights_sha256": weights_sha256, "config": config}
+                  "weights": weights, "weights_sha256": weights_sha256, "config": config,
+                  # the final model's content: a derived row (WiSE-FT) made from it stays valid where only
+                  # this record was kept (the model files stay on the machine that trained them)
+                  "model_sha256": file_sha256(str(cfg.run_dir / FINAL_MODEL_NAME))}
         _save_record(cfg, record)
         records[row, seed] = {**record, "skipped": False}
         if on_run is not None:
@@ -425,19 +430,25 @@ def _derived_run(row: str, seed: int, base: dict, *, budget: DemoBudget, out_dir
     base_row, alpha = DERIVED_ROWS[row]
     cfg = _row_config(row, seed, budget=budget, out_dir=out_dir, device=device, curve_points=1, weights=weights,
                       targets=targets, run_name=run_name, world=world)
+    base_model = Path(base["run_dir"]) / FINAL_MODEL_NAME
+    base_sha256 = base.get("model_sha256") or file_sha256(str(base_model))  # older records: hash the file
     config = {**to_dict(cfg), "derived": {"from": base_row, "alpha": alpha, "bn_batches": DERIVED_BN_BATCHES,
-                                          "base_sha256": file_sha256(str(Path(base["run_dir"]) / FINAL_MODEL_NAME))}}
+                                          "base_sha256": base_sha256}}
     weights_sha256 = file_sha256(weights)
     saved = _finished_record(cfg.run_dir / RESULT_FILE, config, weights_sha256) if resume else None
     if saved is not None:
         return {**saved, "skipped": True}
+    if not base_model.is_file():
+        raise FileNotFoundError(f"{row} seed {seed} is made from {base_row}'s model file {base_model}, which is "
+                                f"not here (only its record {base['run_dir']}/{RESULT_FILE} was kept): train "
+                                f"{base_row} seed {seed} again (delete that record) to derive {row}")
     start = time.time()
     if cfg.run_dir.exists():
         shutil.rmtree(cfg.run_dir)
     cfg.run_dir.mkdir(parents=True)
     model = build_segmentor(cfg)  # the pretrained backbone, as the base row started from
     pretrained = {k: v.detach().clone() for k, v in model.backbone.model.state_dict().items()}
-    load_model_weights(model, Path(base["run_dir"]) / FINAL_MODEL_NAME)
+    load_model_weights(model, base_model)
     with torch.no_grad():
         for key, value in model.backbone.model.state_dict().items():
             if value.is_floating_point():
