@@ -354,3 +354,30 @@ def test_a_worlds_method_overrides_reach_only_that_methods_rows(tmp_path):
     assert config("soma", "method.soma.start_block=2").method.backbone_lr_mult == 0.1
     demo = demo_config("soma", budget=SMOKE_BUDGET, out_dir=tmp_path, weights=None)  # the demo world: none
     assert demo.method.backbone_lr_mult == 0.5
+
+
+def test_the_label_rows_run_the_label_pretrained_file_at_the_testbeds_token_grid(tmp_path):
+    """frozen-label and fishertune-label: the shipped label-pretrained ViT (patch 16) at the testbed's 16 x 16
+    grid on a 128 crop, its kernel and position embedding resampled as timm's checkpoint filter does."""
+    import torch
+    from safetensors.torch import load_file
+    from timm.layers import resample_abs_pos_embed, resample_patch_embed
+
+    from dgss.demo.foundation import FOUNDATION_FILE
+    from dgss.demo.world import TESTBED_WORLD
+    from dgss.models.segmentor import build_segmentor
+
+    for row in ("frozen-label", "fishertune-label"):
+        method, overrides = ROWS[row]
+        cfg = demo_config(method, budget=SMOKE_BUDGET, out_dir=tmp_path, weights="ssl-foundation",
+                          world=TESTBED_WORLD, overrides=overrides)
+        assert Path(cfg.model.weights) == FOUNDATION_FILE and cfg.model.patch_size == 8 and cfg.model.img_size == 128
+    model = build_segmentor(cfg).eval()
+    with torch.no_grad():
+        features = model.forward_features(torch.rand(1, 3, 128, 128))
+    assert features[2].shape[-2:] == (16, 16)  # the token grid, as the label-free rows' (patch 8)
+    saved, vit = load_file(str(FOUNDATION_FILE)), model.backbone.model
+    assert saved["patch_embed.proj.weight"].shape[-1] == 16
+    torch.testing.assert_close(vit.patch_embed.proj.weight, resample_patch_embed(saved["patch_embed.proj.weight"], [8, 8]))
+    torch.testing.assert_close(vit.pos_embed, resample_abs_pos_embed(saved["pos_embed"], [16, 16], [8, 8]))
+    torch.testing.assert_close(vit.blocks[0].attn.qkv.weight, saved["blocks.0.attn.qkv.weight"])  # the rest as saved
