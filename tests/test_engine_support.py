@@ -147,3 +147,63 @@ def test_optimizer_state_follows_parameter_names_through_rebuilds():
     model.b.requires_grad_(False)
     only_a = build_optimizer(model, TrainConfig(lr=0.1), backbone_lr_mult=1.0)
     assert sorted(load_optimizer_state_by_name(only_a, model, saved)) == ["b.bias", "b.weight"]
+
+
+class _BodyAndHead(torch.nn.Module):
+    """A 'method' layer and a 'head' layer, grouped as the segmentor groups them (head groups marked)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+
+    def parameter_groups(self, lr, weight_decay, backbone_lr_mult=1.0):
+        return [{"params": list(self.body.parameters()), "lr": lr * backbone_lr_mult, "weight_decay": weight_decay},
+                {"params": [self.head.weight], "lr": lr, "weight_decay": weight_decay, "head": True},
+                {"params": [self.head.bias], "lr": lr, "weight_decay": 0.0, "head": True}]
+
+    def loss(self, x):
+        return self.head(torch.tanh(self.body(x))).pow(2).sum()
+
+
+def test_an_sgd_head_steps_as_torch_sgd_and_the_rest_as_torch_adamw():
+    """Oracle: train.head_optim.optimizer=sgd gives the head torch.optim.SGD's updates (momentum, coupled
+    decay) and every other group torch.optim.AdamW's, over several steps; its lr and decay follow the rule."""
+    from dgss.config import HeadOptimConfig
+    from dgss.engine.optim import AdamWWithSGDGroups
+
+    torch.manual_seed(0)
+    model = _BodyAndHead()
+    reference = copy.deepcopy(model)
+    cfg = TrainConfig(lr=0.01, weight_decay=0.05,
+                      head_optim=HeadOptimConfig(optimizer="sgd", lr_mult=20.0, momentum=0.9, weight_decay=1e-3))
+    optimizer = build_optimizer(model, cfg, backbone_lr_mult=0.1)
+    assert isinstance(optimizer, AdamWWithSGDGroups)
+    assert [(g["initial_lr"], g["weight_decay"], g.get("sgd", False)) for g in optimizer.param_groups] == \
+        [(pytest.approx(1e-3), 0.05, False), (pytest.approx(0.2), 1e-3, True), (pytest.approx(0.2), 0.0, True)]
+    adamw = torch.optim.AdamW(reference.body.parameters(), lr=1e-3, weight_decay=0.05)
+    sgd = torch.optim.SGD([{"params": [reference.head.weight], "weight_decay": 1e-3},
+                           {"params": [reference.head.bias], "weight_decay": 0.0}], lr=0.2, momentum=0.9)
+    for _ in range(4):
+        x = torch.randn(8, 4)
+        optimizer.zero_grad(), adamw.zero_grad(), sgd.zero_grad()
+        model.loss(x).backward()
+        reference.loss(x).backward()
+        optimizer.step()
+        adamw.step()
+        sgd.step()
+    for (name, ours), theirs in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(ours, theirs, msg=name)
+    # the momentum buffers travel by name with the checkpoint, and only AdamW's groups hold moments
+    saved = optimizer_state_by_name(optimizer, model)
+    assert set(saved["state"]["head.weight"]) == {"momentum_buffer"}
+    assert {"exp_avg", "exp_avg_sq"} <= set(saved["state"]["body.weight"])
+    rebuilt = build_optimizer(model, cfg, backbone_lr_mult=0.1)
+    load_optimizer_state_by_name(rebuilt, model, saved)
+    torch.testing.assert_close(rebuilt.state[model.head.weight]["momentum_buffer"],
+                               sgd.state[reference.head.weight]["momentum_buffer"])
+    # the default keeps the papers' recipe: one AdamW, the head at train.lr and train.weight_decay
+    plain = build_optimizer(_BodyAndHead(), TrainConfig(lr=0.01, weight_decay=0.05), backbone_lr_mult=0.1)
+    assert type(plain) is torch.optim.AdamW
+    assert [(g["lr"], g["weight_decay"]) for g in plain.param_groups] == [(pytest.approx(1e-3), 0.05), (0.01, 0.05), (0.01, 0.0)]
+    with pytest.raises(ValueError, match="train.head_optim.momentum"):
+        build_optimizer(_BodyAndHead(), TrainConfig(head_optim=HeadOptimConfig(momentum=1.0)), backbone_lr_mult=1.0)

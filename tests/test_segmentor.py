@@ -130,21 +130,6 @@ def test_linear_head_is_one_affine_map_of_the_token_grid_features():
     assert model.predict(images).shape == (2, 4, 64, 64)
 
 
-@pytest.mark.parametrize("head_decay", [None, 0.7])
-def test_the_heads_weight_decay_reaches_only_its_weights(head_decay):
-    """model.head.weight_decay: the head's weights decay at it (None: train.weight_decay, the papers'
-    one decay) as its bias (no keyword of NO_DECAY_KEYWORDS); its norm never decays, and the method's
-    groups keep the optimizer's."""
-    extra = [] if head_decay is None else [f"model.head.weight_decay={head_decay}"]
-    model = build_segmentor(tiny_config("model.head.type=linear", "method.name=full", *extra))
-    decay_of = {id(p): g["weight_decay"] for g in model.parameter_groups(1e-3, 0.05, 0.1) for p in g["params"]}
-    expected = 0.05 if head_decay is None else head_decay
-    assert decay_of[id(model.head.classifier.weight)] == decay_of[id(model.head.classifier.bias)] == expected
-    assert decay_of[id(model.head.norm.weight)] == decay_of[id(model.head.norm.bias)] == 0.0
-    block_weight = model.backbone.model.blocks[0].attn.qkv.weight
-    assert decay_of[id(block_weight)] == 0.05
-
-
 @pytest.mark.parametrize("content", ["querys2feat", "learned"])
 def test_method_queries_reach_the_head_once_per_forward(content):
     backbone = build_backbone("dinov2_s", img_size=64, depth=4, embed_dim=32, num_heads=2)

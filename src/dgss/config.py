@@ -92,10 +92,6 @@ class HeadConfig:
     mask_weight: float = 5.0
     dice_weight: float = 5.0
     no_object_weight: float = 0.1
-    # AdamW weight decay of the head's parameters (not its norms: NO_DECAY_KEYWORDS); None: train.weight_decay, as
-    # the papers' recipes (one decay for everything). The DG testbed's linear probe sets its own
-    # (dgss.demo.world: an L2-regularised probe, whose solution the seed does not choose)
-    weight_decay: Optional[float] = None
 
 
 @dataclass
@@ -383,6 +379,23 @@ class EMAConfig:
 
 
 @dataclass
+class HeadOptimConfig:
+    """How the head's parameters are optimised (dgss.engine.optim). The default is the papers' recipe: the
+    head in the one AdamW, at train.lr and train.weight_decay."""
+
+    # "sgd": SGD with momentum for the head (torch.optim.SGD's update, coupled L2 decay), the other groups
+    # in AdamW. Linear probes are trained so (DINO's eval_linear: momentum 0.9, no decay): from a small
+    # initialisation, SGD leaves the directions the source does not constrain where they started, where
+    # AdamW's normalised steps random-walk them, so a seed chooses what the probe does out of domain
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr_mult: float = 1.0  # the head's lr = train.lr x lr_mult (the poly schedule applies as to every group)
+    momentum: float = 0.9  # sgd only
+    # the decay of the head's decayed parameters (its norms never decay: NO_DECAY_KEYWORDS); None:
+    # train.weight_decay
+    weight_decay: Optional[float] = None
+
+
+@dataclass
 class TrainConfig:
     """Iteration-based training (dgss.engine); defaults are the 512 recipe of protocols.md."""
 
@@ -436,6 +449,7 @@ class TrainConfig:
     # and state one GPU cannot hold (`dgss plan` tells). One process: the same either way.
     parallel: Literal["ddp", "fsdp"] = "ddp"
     ema: EMAConfig = field(default_factory=EMAConfig)  # weight EMA (off by default)
+    head_optim: HeadOptimConfig = field(default_factory=HeadOptimConfig)  # the head's optimizer rule
 
 
 @dataclass

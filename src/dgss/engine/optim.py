@@ -13,23 +13,90 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["build_optimizer", "optimizer_state_by_name", "load_optimizer_state_by_name"]
+__all__ = ["build_optimizer", "AdamWWithSGDGroups", "optimizer_state_by_name", "load_optimizer_state_by_name"]
 
 # group options that come from the config, not from the checkpoint
 _GROUP_OPTIONS = ("lr", "initial_lr", "weight_decay", "betas", "params")
 
 
+class AdamWWithSGDGroups(torch.optim.AdamW):
+    """AdamW, except for the groups marked ``"sgd": True``, which take torch.optim.SGD's step with
+    momentum (``momentum`` of the group, no dampening, no Nesterov; the group's ``weight_decay`` as a
+    coupled L2 term): ``buf = momentum * buf + (grad + wd * p)`` (``buf = grad + wd * p`` at the first
+    step), ``p -= lr * buf``. One optimizer, so the schedule, the checkpoints (state by name: the SGD
+    groups' ``momentum_buffer``), the weight EMA and a rebuild see every group as before."""
+
+    @torch.no_grad()
+    def _sgd_step(self) -> None:
+        for group in self.param_groups:
+            if not group.get("sgd"):
+                continue
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                step = param.grad if group["weight_decay"] == 0 else param.grad.add(param, alpha=group["weight_decay"])
+                state = self.state[param]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = step.detach().clone()
+                else:
+                    buf.mul_(group["momentum"]).add_(step)
+                param.add_(buf, alpha=-group["lr"])
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._sgd_step()
+        # AdamW passes over parameters without a gradient: hide the SGD groups' for its step
+        hidden = [(p, p.grad) for g in self.param_groups if g.get("sgd") for p in g["params"] if p.grad is not None]
+        for param, _ in hidden:
+            param.grad = None
+        try:
+            super().step()
+        finally:
+            for param, grad in hidden:
+                param.grad = grad
+        return loss
+
+
+def _apply_head_rule(groups: list[dict], train_cfg) -> None:
+    """``train.head_optim`` on the head's groups (marked ``"head"`` by the segmentor)."""
+    rule = train_cfg.head_optim
+    if rule.lr_mult <= 0:
+        raise ValueError(f"train.head_optim.lr_mult must be > 0, got {rule.lr_mult}")
+    if rule.weight_decay is not None and rule.weight_decay < 0:
+        raise ValueError(f"train.head_optim.weight_decay must be >= 0, got {rule.weight_decay}")
+    if not 0.0 <= rule.momentum < 1.0:
+        raise ValueError(f"train.head_optim.momentum must be in [0, 1), got {rule.momentum}")
+    if rule.optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"train.head_optim.optimizer must be 'adamw' or 'sgd', got {rule.optimizer!r}")
+    for group in groups:
+        if not group.get("head"):
+            continue
+        group["lr"] *= rule.lr_mult
+        if rule.weight_decay is not None and group["weight_decay"] > 0:  # the no-decay group stays so
+            group["weight_decay"] = rule.weight_decay
+        if rule.optimizer == "sgd":
+            group["sgd"], group["momentum"] = True, rule.momentum
+
+
 def build_optimizer(model: nn.Module, train_cfg, backbone_lr_mult: float) -> torch.optim.AdamW:
-    """AdamW (lr, weight decay, betas of ``train_cfg``) over ``model.parameter_groups``; each group
-    remembers its ``initial_lr`` for the schedule."""
+    """AdamW (lr, weight decay, betas of ``train_cfg``) over ``model.parameter_groups``, the head's groups
+    as ``train_cfg.head_optim`` says (SGD groups: :class:`AdamWWithSGDGroups`); each group remembers its
+    ``initial_lr`` for the schedule."""
     groups = model.parameter_groups(train_cfg.lr, train_cfg.weight_decay, backbone_lr_mult)
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError("nothing to train: the method and the head have no trainable parameter")
+    head_optim = getattr(train_cfg, "head_optim", None)
+    if head_optim is not None:
+        _apply_head_rule(groups, train_cfg)
     for group in groups:
         group["initial_lr"] = group["lr"]
-    return torch.optim.AdamW(groups, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
-                             betas=tuple(train_cfg.betas))
+    optimizer = AdamWWithSGDGroups if any(g.get("sgd") for g in groups) else torch.optim.AdamW
+    return optimizer(groups, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, betas=tuple(train_cfg.betas))
 
 
 def _names(model: nn.Module) -> dict[int, str]:

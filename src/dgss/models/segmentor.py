@@ -59,8 +59,7 @@ class Segmentor(nn.Module):
     """
 
     def __init__(self, backbone: Backbone, method: TuningMethod, head: nn.Module, *, num_classes: int,
-                 ignore_index: int = 255, eval_cfg: Optional[EvalConfig] = None,
-                 head_weight_decay: Optional[float] = None):
+                 ignore_index: int = 255, eval_cfg: Optional[EvalConfig] = None):
         super().__init__()
         self.backbone = backbone
         self.method = method
@@ -68,7 +67,6 @@ class Segmentor(nn.Module):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.eval_cfg = eval_cfg if eval_cfg is not None else EvalConfig()
-        self.head_weight_decay = head_weight_decay  # None: the optimizer's weight decay (model.head.weight_decay)
         head_classes = getattr(head, "num_classes", num_classes)
         if head_classes != num_classes:
             raise ValueError(f"the head predicts {head_classes} classes, the segmentor expects {num_classes}")
@@ -112,8 +110,10 @@ class Segmentor(nn.Module):
     def parameter_groups(self, lr: float, weight_decay: float, backbone_lr_mult: float = 1.0) -> list[dict]:
         """AdamW groups: the method's (method, trainable backbone, neck) and the head's."""
         groups = self.method.parameter_groups(lr, weight_decay, backbone_lr_mult)
-        head_decay = weight_decay if self.head_weight_decay is None else self.head_weight_decay
-        return groups + decay_groups(self.head.named_parameters(), lr, head_decay)
+        head = decay_groups(self.head.named_parameters(), lr, weight_decay)
+        for group in head:
+            group["head"] = True  # train.head_optim may give the head its own rule (dgss.engine.optim)
+        return groups + head
 
     # ------------------------------------------------------------------ inference
 
@@ -195,5 +195,4 @@ def build_segmentor(cfg: ExperimentConfig) -> Segmentor:
     if supplies_queries and not getattr(head, "accepts_queries", False):
         warnings.warn(f"method '{method.name}' supplies head queries but the '{model.head.type}' head does not "
                       "use them; the method's query parameters will get no gradient", stacklevel=2)
-    return Segmentor(backbone, method, head, num_classes=model.head.num_classes, eval_cfg=cfg.eval,
-                     head_weight_decay=model.head.weight_decay)
+    return Segmentor(backbone, method, head, num_classes=model.head.num_classes, eval_cfg=cfg.eval)
