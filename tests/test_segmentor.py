@@ -110,6 +110,9 @@ def test_linear_head_is_one_affine_map_of_the_token_grid_features():
     """Oracle: the logits are W . BN(concat of the four maps at the stride-16 grid) + b, per token."""
     model = build_segmentor(tiny_config("model.head.type=linear", "method.name=frozen")).train()
     head = model.head
+    # DINO's linear-probe start: N(0, 0.01) weights, zero bias
+    assert head.classifier.weight.std().item() == pytest.approx(0.01, rel=0.2)
+    assert not head.classifier.bias.any()
     images, labels = blocky_batch()
     features = model.forward_features(images)
     grid = features[2].shape[-2:]

@@ -430,6 +430,45 @@ def test_batch_norm_statistics_are_the_plain_average_over_the_source_batches(tmp
     assert recalibrate_batch_norm(nn.Sequential(nn.LayerNorm(3)), cfg, 3) == 0
 
 
+def test_the_testbed_evaluates_with_precise_batch_norm_and_trains_an_sgd_probe(tmp_path, tiny_testbed_foundation):
+    """The testbed's recipe: the head by SGD (momentum 0.9, lr 1e-2) and every model file evaluated with its
+    BatchNorm statistics estimated on 64 source batches; evaluate_model_file applies eval.precise_bn_batches
+    to the file's weights (the oracle: the plain average over the batches, as above), `dgss eval` too."""
+    from dgss.cli import main as dgss_main
+    from dgss.config import save_config
+    from dgss.demo.benchmark import SMOKE_BUDGET, TESTBED_BUDGETS
+    from dgss.demo.run import evaluate_model_file
+    from dgss.engine.checkpoint import save_model
+    from dgss.engine.precise_bn import recalibrate_batch_norm
+    from dgss.models.segmentor import build_segmentor
+
+    default = demo_config("full", budget=TESTBED_BUDGETS["default"], out_dir=tmp_path, world=TESTBED_WORLD,
+                          weights=tiny_testbed_foundation)
+    assert (default.train.head_optim.optimizer, default.train.head_optim.lr_mult) == ("sgd", 1.0)
+    assert default.train.head_optim.momentum == 0.9 and default.eval.precise_bn_batches == 64
+    assert demo_config("frozen", budget=SMOKE_BUDGET, out_dir=tmp_path, weights=None).eval.precise_bn_batches == 0
+
+    cfg = demo_config("frozen", budget=SMOKE_BUDGET, out_dir=tmp_path, world=TESTBED_WORLD,
+                      weights=tiny_testbed_foundation, targets=["night-1"], overrides=["eval.precise_bn_batches=2"])
+    model = build_segmentor(cfg)
+    path = tmp_path / "model.safetensors"
+    save_model(model, cfg, path)  # fresh statistics: mean 0, variance 1
+    results, evaluated = evaluate_model_file(cfg, path)
+    expected = build_segmentor(cfg)
+    expected.load_state_dict(model.state_dict())
+    assert recalibrate_batch_norm(expected, cfg, 2) == 1
+    torch.testing.assert_close(evaluated.head.norm.running_mean, expected.head.norm.running_mean)
+    assert not torch.allclose(evaluated.head.norm.running_mean, model.head.norm.running_mean)
+    _, untouched = evaluate_model_file(cfg, path, precise_bn=False)
+    torch.testing.assert_close(untouched.head.norm.running_var, model.head.norm.running_var)
+    # `dgss eval` with the same config scores what the benchmark scored
+    save_config(cfg, tmp_path / "config.yaml")
+    assert dgss_main(["eval", str(tmp_path / "config.yaml"), "--checkpoint", str(path),
+                      "--out", str(tmp_path / "eval")]) == 0
+    scores = json.loads((tmp_path / "eval" / "results.json").read_text())["datasets"]
+    assert scores["night-1"]["miou"] == pytest.approx(results[-1].miou, abs=1e-3)
+
+
 def test_frozen_trained_twice_as_long_runs_one_seed_as_p1_reads_one():
     from dgss.demo.benchmark import ITERS_SCALE, seeds_of
 

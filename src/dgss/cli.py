@@ -420,6 +420,12 @@ def _eval_run(args: argparse.Namespace) -> int:
         except CheckpointError as err:
             raise UsageError(str(err)) from err
         model = model.to(ctx.device)
+        if cfg.eval.precise_bn_batches > 0:  # the statistics the benchmark's runs are evaluated with
+            if ctx.world_size > 1:
+                raise UsageError("eval.precise_bn_batches runs in one process: evaluate without torchrun")
+            from .engine.precise_bn import recalibrate_batch_norm
+
+            recalibrate_batch_norm(model, cfg, cfg.eval.precise_bn_batches)
         amp = cfg.train.amp if ctx.device.type == "cuda" else "none"
         out = Path(args.out) if args.out else cfg.run_dir / "eval"
         from tqdm import tqdm

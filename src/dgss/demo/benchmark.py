@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..config import ExperimentConfig, config_differences, to_dict
+from ..engine.precise_bn import recalibrate_batch_norm
 from ..fileio import file_sha256
 from ..tuning import METHODS as TUNING_METHODS
 from .run import DemoBudget, demo_config, pick_threads, run_method
@@ -391,35 +392,6 @@ def _target_mean(miou: dict, targets) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def recalibrate_batch_norm(model, cfg, batches: int) -> int:
-    """Estimate every BatchNorm's running statistics again, as the plain average over ``batches``
-    training batches of ``cfg`` (its seed, its augmentation) with the rest of the model in eval mode;
-    returns how many BatchNorm layers there were (none: nothing runs)."""
-    import torch
-    from torch import nn
-
-    from ..data import build_train_loader
-
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not norms:
-        return 0
-    model.eval()
-    momenta = [m.momentum for m in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # a cumulative average over the batches, not an exponential one
-        norm.train()
-    batch_iter = iter(build_train_loader(cfg, num_workers=0))
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        for _ in range(batches):
-            model(next(batch_iter)["image"].to(device))
-    for norm, momentum in zip(norms, momenta):
-        norm.momentum = momentum
-    model.eval()
-    return len(norms)
-
-
 def _derived_run(row: str, seed: int, base: dict, *, budget: DemoBudget, out_dir: str, device: str,
                  curve_points: int, weights: str, targets, resume: bool, keep_fisher_scores: bool, run_name, world,
                  log) -> dict:
@@ -462,7 +434,7 @@ def _derived_run(row: str, seed: int, base: dict, *, budget: DemoBudget, out_dir
     recalibrate_batch_norm(model, cfg, DERIVED_BN_BATCHES)
     path = cfg.run_dir / FINAL_MODEL_NAME
     save_model(model, cfg, path)
-    results, _ = evaluate_model_file(cfg, path)
+    results, _ = evaluate_model_file(cfg, path, precise_bn=False)  # its statistics are the estimated ones
     curve = [{"iteration": base["curve"][-1]["iteration"], "miou": {r.name: r.miou for r in results}}]
     record = {"row": row, "method": ROWS[row][0], "overrides": [], "seed": seed, "run_dir": str(cfg.run_dir),
               "trainable": base["trainable"], "seconds": round(time.time() - start, 2), "curve": curve,

@@ -135,6 +135,10 @@ def demo_config(method: str, *, budget: DemoBudget, out_dir: str | Path, weights
                   "log_interval": max(budget.iters // 4, 1)},
         "eval": {"mode": "whole"},
     }
+    if world.head_optim:
+        raw["train"]["head_optim"] = dict(world.head_optim)
+    if world.precise_bn_batches:
+        raw["eval"]["precise_bn_batches"] = world.precise_bn_batches
     if override_items:
         raw = apply_overrides(raw, override_items)
     return from_dict(ExperimentConfig, raw, source="the demo's experiment" + (" with overrides" if override_items else ""))
@@ -153,9 +157,12 @@ class MethodResult:
     curve: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
-def evaluate_model_file(cfg: ExperimentConfig, path: Path, *, ctx=None, progress: bool = False):
-    """Build ``cfg``'s model, load the model file ``path`` as `dgss eval` does and evaluate it on the
-    source val split and every target. Returns (DatasetResults, source val first; the Segmentor)."""
+def evaluate_model_file(cfg: ExperimentConfig, path: Path, *, ctx=None, progress: bool = False,
+                        precise_bn: bool = True):
+    """Build ``cfg``'s model, load the model file ``path`` as `dgss eval` does (with
+    ``eval.precise_bn_batches``, its BatchNorm statistics estimated again first, unless ``precise_bn`` is
+    false: a file whose statistics were just estimated) and evaluate it on the source val split and every
+    target. Returns (DatasetResults, source val first; the Segmentor)."""
     from tqdm import tqdm
 
     from ..engine.checkpoint import load_model_weights
@@ -169,6 +176,10 @@ def evaluate_model_file(cfg: ExperimentConfig, path: Path, *, ctx=None, progress
     model = build_segmentor(cfg)
     load_model_weights(model, path)  # frozen-backbone files re-attach the foundation ViT, fingerprint-checked
     model.to(ctx.device)
+    if precise_bn and cfg.eval.precise_bn_batches > 0:
+        from ..engine.precise_bn import recalibrate_batch_norm
+
+        recalibrate_batch_norm(model, cfg, cfg.eval.precise_bn_batches)
     datasets = [*cfg.data.val, *cfg.data.test]
     results = [evaluate_dataset(model, ds, cfg, ctx, num_workers=0)
                for ds in tqdm(datasets, desc=f"evaluate {cfg.name}", disable=not progress, dynamic_ncols=True,

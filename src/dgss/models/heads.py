@@ -96,6 +96,10 @@ class LinearHead(nn.Module):
         total = sum(in_channels)
         self.norm = nn.BatchNorm2d(total)
         self.classifier = nn.Conv2d(total, cfg.num_classes, 1)
+        # DINO's linear probe (eval_linear.py): weights N(0, 0.01), bias 0. A small start matters when the
+        # head trains by SGD (train.head_optim): what the source does not constrain stays near it
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
 
     def forward(self, features: Sequence[torch.Tensor], queries: Optional[torch.Tensor] = None) -> dict:
         """features: maps B x C_i x H_i x W_i -> {"logits": B x K x H_g x W_g} at the grid level's size."""
