@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from dgss.config import ConfigError, ExperimentConfig, load_config, save_config, to_dict
+from dgss.config import ConfigError, ExperimentConfig, load_config, save_config, to_dict, validate_config
 
 
 def write(path, data):
@@ -66,6 +66,8 @@ def test_wrong_type_names_key_and_expected_type(tmp_path):
         load_config(None, ["train.batch_size=true"])
     with pytest.raises(ConfigError, match=r"key 'data.crop_size\[1\]' .*expects int"):
         load_config(None, ["data.crop_size=[512, x]"])
+    with pytest.raises(ConfigError, match=r"key 'eval.precise_bn_batches'.* must be at least 0, got -1"):
+        validate_config(load_config(None, ["eval.precise_bn_batches=-1"]))  # not silently off
 
 
 def test_missing_and_invalid_files(tmp_path):

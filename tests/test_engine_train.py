@@ -10,7 +10,7 @@ from test_engine_support import backbone_weights_file, tiny_config
 
 from dgss.cli import main
 from dgss.config import load_config
-from dgss.engine.checkpoint import CheckpointError, load_model_weights
+from dgss.engine.checkpoint import CheckpointError, backbone_fingerprint, load_model_weights
 from dgss.engine.trainer import NonFiniteLossError, Trainer
 from dgss.models.segmentor import build_segmentor
 
@@ -110,6 +110,30 @@ def test_non_finite_loss_skips_the_step_with_nan_policy_skip(tmp_path):
     with pytest.warns(UserWarning, match="iteration 2 of 3: optimizer step skipped"):
         trainer.train()
     assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values() if v.is_floating_point())
+
+
+def test_a_backbone_rebuilt_with_float32_rounding_differences_still_loads_its_file(tmp_path):
+    # model.patch_resize=timm solves a least-squares problem whose float32 result depends on the BLAS
+    # thread count (or the device): the same weights file gives tensors that differ in their last bits,
+    # which the rounded fingerprint alone rejected. The recorded moments accept them; another file does not.
+    config = tiny_config(tmp_path, "frozen", method="frozen", weights=str(backbone_weights_file(tmp_path, "a.pth")),
+                         iters=1)
+    final = Trainer(load_config(config)).train()
+    recorded = load_model_weights(build_segmentor(load_config(config)), final)["backbone_fingerprint"]
+    generator = torch.Generator().manual_seed(0)
+
+    def rebuilt(relative: float):
+        model = build_segmentor(load_config(config))
+        with torch.no_grad():
+            for p in model.backbone.model.parameters():
+                p.mul_(1 + relative * torch.randn(p.shape, generator=generator))
+        return model
+
+    rounded = rebuilt(2e-6)
+    assert backbone_fingerprint(rounded.backbone) != recorded  # the exact check alone would refuse it
+    assert load_model_weights(rounded, final)["contents"] == "rein+head"
+    with pytest.raises(CheckpointError, match="differ from the backbone weights"):
+        load_model_weights(rebuilt(1e-2), final)
 
 
 def test_wrong_or_missing_checkpoints_are_clear_errors(tmp_path, capsys):

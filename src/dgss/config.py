@@ -670,6 +670,7 @@ def validate_config(cfg: ExperimentConfig, source: str = "") -> ExperimentConfig
                        ("train.keep_checkpoints", train.keep_checkpoints), ("train.log_interval", train.log_interval),
                        ("train.lr", train.lr), ("train.min_lr", train.min_lr),
                        ("data.num_workers", cfg.data.num_workers),
+                       ("eval.precise_bn_batches", cfg.eval.precise_bn_batches),
                        ("train.max_consecutive_skips", train.max_consecutive_skips)):
         _check_at_least(key, value, 0, where)
     _check_at_least("train.ema.begin_iter", train.ema.begin_iter, 0, where)

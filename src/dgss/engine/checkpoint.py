@@ -6,7 +6,8 @@ A checkpoint of iteration N in ``RUN/checkpoints`` is two files and a pointer:
   save_model_file`), so ``load_model_file`` opens it like a final model. For a method whose
   pretrained backbone stays frozen only the method's, neck's and head's tensors (parameters and
   buffers) are stored, with the backbone's identity: its name, weights file and a fingerprint of
-  its tensors, checked when the backbone is re-attached. A backbone that trains, or one without a
+  its tensors with the moments behind it, checked when the backbone is re-attached (equal within
+  float32 rounding: :func:`same_backbone`). A backbone that trains, or one without a
   weights file (random init, e.g. in tests), is stored in full.
 * ``iter_0000N.state.pt``: optimizer (by parameter name), GradScaler, RNG states (python, numpy,
   torch, cuda), the data position and the iteration; plain tensors and containers, read with
@@ -54,6 +55,8 @@ __all__ = [
     "LoadedCheckpoint",
     "atomic_write",
     "backbone_fingerprint",
+    "backbone_identity",
+    "same_backbone",
     "DIVERGED_WEIGHT",
     "diverged_tensors",
     "stores_backbone",
@@ -152,19 +155,69 @@ def out_of_space_as_error(directory: Path, what: str, needed: Callable[[], int],
 
 
 @torch.no_grad()
-def backbone_fingerprint(backbone) -> str:
-    """A short hash of the pretrained tensors (names, shapes, float64 sums and sums of squares): the
-    same weights give the same string, another file or backbone almost surely does not."""
+def _backbone_statistics(backbone) -> tuple[list[str], np.ndarray]:
+    """(name:shape per pretrained tensor, sorted; their float64 sums and sums of squares, n x 2)."""
     names, stats = [], []
     for name, tensor in sorted(backbone.model.state_dict().items()):
         names.append(f"{name}:{tuple(tensor.shape)}")
         t = tensor.detach().double()
         stats.append(torch.stack([t.sum(), (t * t).sum()]))
+    values = torch.stack(stats).cpu().numpy() if stats else np.zeros((0, 2))
+    return names, values
+
+
+def _fingerprint_of(names: list[str], values: np.ndarray) -> str:
     digest = hashlib.sha256("|".join(names).encode())
-    if stats:
-        values = torch.stack(stats).cpu().numpy()
+    if len(values):
         digest.update(np.round(values, 6).tobytes())  # rounding: sums differ in the last bits across devices
     return digest.hexdigest()[:16]
+
+
+def backbone_fingerprint(backbone) -> str:
+    """A short hash of the pretrained tensors (names, shapes, float64 sums and sums of squares): the
+    same weights give the same string, another file or backbone almost surely does not."""
+    return _fingerprint_of(*_backbone_statistics(backbone))
+
+
+def backbone_identity(backbone) -> dict:
+    """What a model file without the backbone records of the pretrained weights it was trained on: the
+    fingerprint, and the moments behind it (``backbone_layout``: a hash of the names and shapes;
+    ``backbone_moments``: per tensor, its sum and sum of squares).
+
+    The moments let a file load where the same weights file gives tensors that differ in their last
+    bits: a patch-embedding resize (``model.patch_resize=timm`` solves a least-squares problem whose
+    float32 result depends on the BLAS thread count) or another device. The fingerprint alone,
+    rounded, would reject such a backbone; :func:`same_backbone` compares the moments within
+    :data:`MOMENT_RTOL` instead."""
+    names, values = _backbone_statistics(backbone)
+    return {"backbone_fingerprint": _fingerprint_of(names, values),
+            "backbone_layout": hashlib.sha256("|".join(names).encode()).hexdigest()[:16],
+            "backbone_moments": [[float(s), float(q)] for s, q in values]}
+
+
+# Moments of tensors that differ only by float32 rounding agree to ~1e-7 relative; another weights file
+# (another seed, another checkpoint, one fine-tuned step) differs by far more.
+MOMENT_RTOL = 1e-5
+
+
+def same_backbone(backbone, meta: dict) -> bool:
+    """Whether ``backbone``'s pretrained tensors are those a model file's metadata ``meta`` records:
+    its fingerprint equal, or (files that carry them) its moments equal within :data:`MOMENT_RTOL`
+    (a sum is compared on the scale sqrt(numel x sum of squares), which bounds it)."""
+    names, values = _backbone_statistics(backbone)
+    if _fingerprint_of(names, values) == meta.get("backbone_fingerprint"):
+        return True
+    stored = meta.get("backbone_moments")
+    if stored is None or meta.get("backbone_layout") != hashlib.sha256("|".join(names).encode()).hexdigest()[:16]:
+        return False
+    stored = np.asarray(stored, dtype=np.float64).reshape(-1, 2)
+    if stored.shape != values.shape:
+        return False
+    numel = np.array([float(np.prod(t.shape)) for _, t in sorted(backbone.model.state_dict().items())])
+    scale = np.sqrt(numel * np.maximum(values[:, 1], stored[:, 1]))
+    sums_agree = np.abs(values[:, 0] - stored[:, 0]) <= MOMENT_RTOL * scale + 1e-12
+    squares_agree = np.abs(values[:, 1] - stored[:, 1]) <= MOMENT_RTOL * np.maximum(values[:, 1], stored[:, 1]) + 1e-12
+    return bool(sums_agree.all() and squares_agree.all())
 
 
 # A weight whose square overflows float32 (|w| > 1.8e19) makes every fp32 sum of squares through it
@@ -193,12 +246,13 @@ def stores_backbone(segmentor, cfg) -> bool:
 
 
 def save_model(segmentor, cfg, path: PathLike, *, metadata: Optional[dict] = None,
-               fingerprint: Optional[str] = None) -> Path:
-    """A dgss model file of ``segmentor`` (see the module docstring for what it holds)."""
+               fingerprint: Optional[dict] = None) -> Path:
+    """A dgss model file of ``segmentor`` (see the module docstring for what it holds). ``fingerprint``:
+    the pretrained backbone's :func:`backbone_identity`, when computed before training (a trainer's)."""
     full = stores_backbone(segmentor, cfg)
     extra = dict(metadata or {})
     if not full:
-        extra["backbone_fingerprint"] = fingerprint or backbone_fingerprint(segmentor.backbone)
+        extra.update(fingerprint or backbone_identity(segmentor.backbone))
     path = Path(path)
     with out_of_space_as_error(path.parent, path.name, lambda: _model_file_bytes(_stored(segmentor, full)),
                                "no file was replaced: free space and save again (a run: continue with --resume)"):
@@ -234,8 +288,7 @@ def load_model_weights(segmentor, path: PathLike, *, check_backbone: bool = True
                               f"'{name}' (model.backbone)")
     full = meta.get("contents") == "full"
     if not full and check_backbone and meta.get("backbone_fingerprint"):
-        current = backbone_fingerprint(segmentor.backbone)
-        if current != meta["backbone_fingerprint"]:
+        if not same_backbone(segmentor.backbone, meta):
             raise CheckpointError(
                 f"{path} was trained on the '{name}' weights {meta.get('backbone_weights')!r}, which differ from the "
                 f"backbone weights loaded now (model.weights); point model.weights at the file it was trained on")
@@ -286,7 +339,7 @@ def _save_state(path: Path, state: dict) -> str:
 
 
 def save_training_checkpoint(directory: PathLike, iteration: int, segmentor, cfg, state: dict, *,
-                             fingerprint: Optional[str] = None, keep: int = 0) -> Path:
+                             fingerprint: Optional[dict] = None, keep: int = 0) -> Path:
     """Write the checkpoint after ``iteration`` completed iterations, then point ``last`` at it and
     delete the earlier ones but the ``keep - 1`` newest of them (0: keep all). Returns the model file's path.
 

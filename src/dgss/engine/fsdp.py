@@ -228,6 +228,6 @@ def convert_checkpoint(spec, out, cfg=None) -> Path:
                                    f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
     model.load_state_dict(state["model"])
     iteration = int(read_training_state(state_path).get("iteration", 0))
-    fingerprint = None if ckpt.stores_backbone(model, cfg) else ckpt.backbone_fingerprint(model.backbone)
+    fingerprint = None if ckpt.stores_backbone(model, cfg) else ckpt.backbone_identity(model.backbone)
     return ckpt.save_model(model, cfg, out, metadata={"iteration": iteration, "converted_from": folder.name},
                            fingerprint=fingerprint)

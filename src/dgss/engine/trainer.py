@@ -172,7 +172,7 @@ class Trainer:
         seed_everything(train.seed)  # identical initial weights on every process
         self.model = build_segmentor(cfg).to(self.device)
         self.model.train()
-        self._fingerprint = None if ckpt.stores_backbone(self.model, cfg) else ckpt.backbone_fingerprint(self.model.backbone)
+        self._fingerprint = None if ckpt.stores_backbone(self.model, cfg) else ckpt.backbone_identity(self.model.backbone)
         seed_everything(train.seed + self.rank)  # per-process randomness (e.g. Mask2Former's point sampling)
 
         state, data_position = None, 0
