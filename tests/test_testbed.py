@@ -475,3 +475,27 @@ def test_frozen_trained_twice_as_long_runs_one_seed_as_p1_reads_one():
     assert ITERS_SCALE["frozen-2x"] == 2
     assert seeds_of("frozen-2x", [0, 1, 2]) == [0] and seeds_of("frozen-2x", [4, 5]) == [4]
     assert seeds_of("frozen", [0, 1, 2]) == [0, 1, 2]
+
+
+def test_a_runs_curve_scores_each_checkpoint_as_its_weight_ema(tmp_path, tiny_testbed_foundation):
+    """With train.ema the final model holds the average, so every curve point must too: a checkpoint's
+    model file holds the raw weights and its state file the average, which run_method puts into the model
+    (before PreciseBN) when it scores the checkpoint."""
+    from dgss.demo.benchmark import SMOKE_BUDGET
+    from dgss.demo.run import evaluate_model_file, run_method
+    from dgss.engine.checkpoint import checkpoint_paths, load_training_state
+
+    cfg = demo_config("frozen", budget=SMOKE_BUDGET, out_dir=tmp_path, world=TESTBED_WORLD,
+                      weights=tiny_testbed_foundation, targets=["night-1"], curve_points=2,
+                      overrides=["train.ema.enabled=true", "train.ema.momentum=0.5", "eval.precise_bn_batches=1"])
+    row, _, trainer = run_method(cfg, progress=False, keep_checkpoints=True)
+    model_path, state_path = checkpoint_paths(trainer.checkpoint_dir, 2)
+    average = load_training_state(state_path)["ema"]
+    assert average and "head.classifier.weight" in average
+    results, scored = evaluate_model_file(cfg, model_path, ema_state=average)
+    params = dict(scored.named_parameters())
+    for name, value in average.items():
+        torch.testing.assert_close(params[name], value)
+    assert row.curve[2] == {r.name: r.miou for r in results}
+    _, raw = evaluate_model_file(cfg, model_path)
+    assert not torch.equal(dict(raw.named_parameters())["head.classifier.weight"], average["head.classifier.weight"])

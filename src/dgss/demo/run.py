@@ -158,11 +158,13 @@ class MethodResult:
 
 
 def evaluate_model_file(cfg: ExperimentConfig, path: Path, *, ctx=None, progress: bool = False,
-                        precise_bn: bool = True):
+                        precise_bn: bool = True, ema_state: Optional[dict] = None):
     """Build ``cfg``'s model, load the model file ``path`` as `dgss eval` does (with
     ``eval.precise_bn_batches``, its BatchNorm statistics estimated again first, unless ``precise_bn`` is
     false: a file whose statistics were just estimated) and evaluate it on the source val split and every
-    target. Returns (DatasetResults, source val first; the Segmentor)."""
+    target. ``ema_state``: a training checkpoint's weight EMA (its state file's "ema"), put into the model
+    before the statistics are estimated, so that a checkpoint is scored as the final model of a
+    ``train.ema`` run is (the average). Returns (DatasetResults, source val first; the Segmentor)."""
     from tqdm import tqdm
 
     from ..engine.checkpoint import load_model_weights
@@ -175,6 +177,12 @@ def evaluate_model_file(cfg: ExperimentConfig, path: Path, *, ctx=None, progress
     seed_everything(cfg.train.seed)
     model = build_segmentor(cfg)
     load_model_weights(model, path)  # frozen-backbone files re-attach the foundation ViT, fingerprint-checked
+    if ema_state:
+        from ..engine.ema import WeightEMA
+
+        average = WeightEMA()
+        average.load_state_dict(ema_state, model, source=str(path))  # checks names and shapes
+        average.copy_to(model)
     model.to(ctx.device)
     if precise_bn and cfg.eval.precise_bn_batches > 0:
         from ..engine.precise_bn import recalibrate_batch_norm
@@ -193,7 +201,7 @@ def run_method(cfg: ExperimentConfig, *, progress: bool = True, keep_fisher_scor
     source val split and every target; the same for each checkpoint of the learning curve
     (``train.checkpoint_interval``), whose files are deleted afterwards unless ``keep_checkpoints``.
     Returns (MethodResult, the reloaded Segmentor, the Trainer)."""
-    from ..engine.checkpoint import checkpoint_paths
+    from ..engine.checkpoint import checkpoint_paths, load_training_state
     from ..engine.evaluate import write_results
     from ..engine.trainer import Trainer
 
@@ -208,8 +216,10 @@ def run_method(cfg: ExperimentConfig, *, progress: bool = True, keep_fisher_scor
     interval = cfg.train.checkpoint_interval
     checkpoints = range(interval, cfg.train.iters, interval) if interval > 0 else ()  # the last: the final model
     for iteration in checkpoints:
-        results, _ = evaluate_model_file(cfg, checkpoint_paths(trainer.checkpoint_dir, iteration)[0], ctx=trainer.ctx,
-                                         progress=progress)
+        model_path, state_path = checkpoint_paths(trainer.checkpoint_dir, iteration)
+        # with train.ema the final model holds the average, so every point of the curve does
+        ema_state = load_training_state(state_path).get("ema") if cfg.train.ema.enabled else None
+        results, _ = evaluate_model_file(cfg, model_path, ctx=trainer.ctx, progress=progress, ema_state=ema_state)
         curve[iteration] = {r.name: r.miou for r in results}
     results, model = evaluate_model_file(cfg, final, ctx=trainer.ctx, progress=progress)
     curve[cfg.train.iters] = {r.name: r.miou for r in results}

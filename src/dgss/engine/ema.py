@@ -93,6 +93,13 @@ class WeightEMA:
             self._swap(model)
 
     @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Put the averages into ``model`` for good (scoring a checkpoint as the average)."""
+        params = dict(model.named_parameters())
+        for name, average in self.averages.items():
+            params[name].copy_(average)
+
+    @torch.no_grad()
     def _swap(self, model: nn.Module) -> None:
         params = dict(model.named_parameters())
         for name, average in self.averages.items():
