@@ -139,8 +139,6 @@ def demo_config(method: str, *, budget: DemoBudget, out_dir: str | Path, weights
         raw["train"]["head_optim"] = dict(world.head_optim)
     if world.precise_bn_batches:
         raw["eval"]["precise_bn_batches"] = world.precise_bn_batches
-    if world.ema_momentum:  # the average of the second half (frozen-2x: of its own second half)
-        raw["train"]["ema"] = {"enabled": True, "momentum": world.ema_momentum, "begin_iter": budget.iters // 2}
     if override_items:
         raw = apply_overrides(raw, override_items)
     return from_dict(ExperimentConfig, raw, source="the demo's experiment" + (" with overrides" if override_items else ""))

@@ -57,9 +57,6 @@ class World:
     head_optim: dict = field(default_factory=dict)
     # eval.precise_bn_batches of every row (0: evaluate with the statistics training kept)
     precise_bn_batches: int = 0
-    # > 0: every row keeps a weight EMA of this momentum (train.ema) over the second half of its
-    # iterations, and is scored as the average; 0: the last weights
-    ema_momentum: float = 0.0
 
     @property
     def evaluated(self) -> tuple[str, ...]:
@@ -106,19 +103,12 @@ def _testbed_world() -> World:
     # (PreciseBN), as WiSE-FT's averaged backbone already was: the running average of training is one of
     # its last ten batches, and it differed by seed (docs/dg_benchmark.md, "An SGD probe")
     precise_bn_batches = 64
-    # Every row is scored as the weight EMA of its second half (momentum 0.002, a window of about 500 of
-    # the 1,920 iterations; SWAD and Arpit et al.'s model averaging, which steady out-of-domain accuracy
-    # over seeds). On fishertune-label it brought the blur family's spread over seeds from 0.81 to 0.58
-    # (chosen on it; the targets' from 1.81 to 1.23) for 1 point of source fit (docs/dg_benchmark.md,
-    # "FisherTune's seed 2")
-    ema_momentum = 0.002
     # objects "visible": trucks, buses and trains that can be told apart, and traffic signs a token wide
     return World(name="testbed", source="clean",
                  targets=("night-1", "night-2", "fog-1", "fog-2", "rain-1", "rain-2", "colorshift-1", "colorshift-2"),
                  validation=("blur-1", "blur-2"), label_set="testbed", num_classes=12, foundation=SSL_FOUNDATION,
                  foundation_file="ssl-foundation", head=head, lr=1e-2, warmup_iters=50, objects="visible",
-                 method_overrides=method_overrides, head_optim=head_optim, precise_bn_batches=precise_bn_batches,
-                 ema_momentum=ema_momentum)
+                 method_overrides=method_overrides, head_optim=head_optim, precise_bn_batches=precise_bn_batches)
 
 
 DEMO_WORLD = _demo_world()
