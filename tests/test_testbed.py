@@ -500,3 +500,30 @@ def test_a_runs_curve_scores_each_checkpoint_as_its_weight_ema(tmp_path, tiny_te
     assert row.curve[2] == {r.name: r.miou for r in results}
     _, raw = evaluate_model_file(cfg, model_path)
     assert not torch.equal(dict(raw.named_parameters())["head.classifier.weight"], average["head.classifier.weight"])
+
+
+def test_rescoring_a_finished_run_on_its_own_images_reproduces_its_record(tmp_path, tiny_testbed_foundation,
+                                                                         monkeypatch, capsys):
+    """benchmarks/bench_dg_rescore.py (P4's noise diagnostic): on the run's own number of images it gives
+    the record's final scores (the same model, PreciseBN and images); on more it scores more images."""
+    from pathlib import Path
+
+    from dgss.demo.benchmark import SMOKE_BUDGET, run_seeded
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_dg_rescore
+
+    records = run_seeded(["frozen"], [0], SMOKE_BUDGET, tmp_path / "bench", curve_points=1,
+                         weights=tiny_testbed_foundation, world=TESTBED_WORLD, log=lambda line: None)
+    run = tmp_path / "bench" / "runs" / "frozen" / "seed0"
+    same = bench_dg_rescore.rescore(run, SMOKE_BUDGET.eval_images)
+    assert same["miou"] == pytest.approx(records[0]["curve"][-1]["miou"], abs=1e-4)
+    assert same["target_mean"] == pytest.approx(records[0]["target_mean"], abs=1e-4)
+    capsys.readouterr()
+    assert bench_dg_rescore.main([str(run), str(run), "--images", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    scored = [json.loads(line) for line in lines if line.startswith("{")]
+    assert [r["images"] for r in scored] == [3, 3] and scored[0]["miou"] == scored[1]["miou"]
+    assert lines[-1].startswith("frozen: target mean by seed") and lines[-1].count(" / ") == 1
+    with pytest.raises(SystemExit, match="not found"):
+        bench_dg_rescore.rescore(tmp_path / "missing", 3)
