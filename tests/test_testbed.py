@@ -1,7 +1,6 @@
 """The DG testbed (issue 22): the unlabeled pool, the self-supervised objective, the label-free foundation's
 file and manifest, the visible-class label set, graded shifts, LP-FT, WiSE-FT and the preconditions."""
 
-import dataclasses
 import json
 
 import numpy as np
