@@ -61,7 +61,7 @@ def _labels(cfg, device):
 def _measure(cfg, kind: str, amp: str, device, section: gs.Section, name: str) -> dict:
     from dgss.engine.optim import build_optimizer
     from dgss.engine.speed import apply_speed_options
-    from dgss.models.segmentor import build_segmentor
+    from dgss.tuning.model import build_segmentor
 
     torch.manual_seed(0)
     with torch.device(device):

@@ -22,7 +22,7 @@ import torch
 
 from dgss.config import ExperimentConfig, from_dict
 from dgss.data import build_train_loader
-from dgss.models.segmentor import build_segmentor
+from dgss.tuning.model import build_segmentor
 
 
 def tiny_config(out_dir: str, workers: int, batch: int) -> ExperimentConfig:

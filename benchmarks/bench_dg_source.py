@@ -49,7 +49,7 @@ def evaluate(run: Path, images: int) -> dict:
     from dgss.config import load_config
     from dgss.data.builder import build_dataset
     from dgss.engine.checkpoint import load_model_weights
-    from dgss.models.segmentor import build_segmentor
+    from dgss.tuning.model import build_segmentor
 
     config, weights = run / "config.yaml", run / "model_final.safetensors"
     for path in (config, weights):

@@ -26,7 +26,7 @@ import time
 import torch
 
 from dgss.config import load_config
-from dgss.models.segmentor import build_segmentor
+from dgss.tuning.model import build_segmentor
 from dgss.tuning.fishertune.drfim import SCORE_MODES, selection_scores
 from dgss.tuning.fishertune.report import _HeadWarmupTrainer, fig6_summary, group_counts, jaccard, top_positions
 from dgss.tuning.fishertune.selection import random_scores

@@ -31,7 +31,8 @@ from dgss.models.mask2former.deformable_attention import (
     multi_scale_deformable_attention,
     multi_scale_deformable_attention_per_level,
 )
-from dgss.models.segmentor import build_segmentor, sliding_windows
+from dgss.models.segmentor import sliding_windows
+from dgss.tuning.model import build_segmentor
 from dgss.tuning import rein as rein_module
 
 

@@ -52,7 +52,7 @@ import torch
 from dgss.config import load_config
 from dgss.engine.ema import WeightEMA
 from dgss.engine.speed import apply_speed_options
-from dgss.models.segmentor import build_segmentor
+from dgss.tuning.model import build_segmentor
 
 METHODS = ("frozen", "rein", "fishertune", "lora", "vpt", "soma", "full")
 OPTIONS = ("ckpt", "compile")

@@ -90,7 +90,7 @@ def measure(case: str) -> dict:
     from dgss.config import load_config
     from dgss.engine.optim import build_optimizer
     from dgss.engine.speed import apply_speed_options
-    from dgss.models.segmentor import build_segmentor
+    from dgss.tuning.model import build_segmentor
 
     torch.manual_seed(0)
     cfg = load_config(None, overrides(case))
@@ -236,7 +236,7 @@ def selection_agreement(backbones=("dinov2_s", "dinov2_b", "dinov2_l")) -> list[
     import torch
 
     from dgss.config import load_config
-    from dgss.models.segmentor import build_segmentor
+    from dgss.tuning.model import build_segmentor
     from dgss.tuning.fishertune.report import jaccard, selection_positions
 
     rows = []

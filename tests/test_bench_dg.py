@@ -365,7 +365,7 @@ def test_the_label_rows_run_the_label_pretrained_file_at_the_testbeds_token_grid
 
     from dgss.demo.foundation import FOUNDATION_FILE
     from dgss.demo.world import TESTBED_WORLD
-    from dgss.models.segmentor import build_segmentor
+    from dgss.tuning.model import build_segmentor
 
     for row in ("frozen-label", "fishertune-label"):
         method, overrides = ROWS[row]

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_overrides
 from dgss.config import load_config
 from dgss.data import DATASET_TYPES
-from dgss.models.segmentor import build_segmentor
+from dgss.tuning.model import build_segmentor
 
 ROOT = Path(__file__).resolve().parents[1] / "configs"
 EXPERIMENTS = sorted(p for p in ROOT.rglob("*.yaml") if "_base_" not in p.parts and "datasets" not in p.parts)

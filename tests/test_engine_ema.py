@@ -12,7 +12,7 @@ from dgss.engine.checkpoint import load_training_state, resolve_checkpoint
 from dgss.engine.ema import WeightEMA
 from dgss.engine.optim import build_optimizer
 from dgss.engine.trainer import Trainer
-from dgss.models.segmentor import build_segmentor
+from dgss.tuning.model import build_segmentor
 
 
 def closed_form(history, momentum, begin_iter):

@@ -23,7 +23,7 @@ def build_reference(tmp_path) -> dict:
     """The initial weights of the tiny config (train.seed 0): what training started from."""
     from dgss.config import load_config
     from dgss.engine.trainer import seed_everything
-    from dgss.models.segmentor import build_segmentor
+    from dgss.tuning.model import build_segmentor
 
     seed_everything(0)
     return build_segmentor(load_config(tmp_path / "ddp.yaml")).state_dict()

@@ -12,7 +12,7 @@ from dgss.cli import main
 from dgss.config import load_config
 from dgss.engine.checkpoint import CheckpointError, backbone_fingerprint, load_model_weights
 from dgss.engine.trainer import NonFiniteLossError, Trainer
-from dgss.models.segmentor import build_segmentor
+from dgss.tuning.model import build_segmentor
 
 
 def test_tiny_run_trains_evaluates_and_writes_results(tmp_path, capsys):

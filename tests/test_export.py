@@ -10,7 +10,7 @@ from dgss.cli import main
 from dgss.config import load_config
 from dgss.engine.checkpoint import save_model
 from dgss.export import ExportError, export_model, export_onnx, export_torchscript
-from dgss.models.segmentor import build_segmentor
+from dgss.tuning.model import build_segmentor
 from dgss.predict import Predictor
 
 ort = pytest.importorskip("onnxruntime")

@@ -9,7 +9,7 @@ import torch
 
 from dgss.config import load_config
 from dgss.data.synthetic import generate
-from dgss.models.segmentor import build_segmentor
+from dgss.tuning.model import build_segmentor
 from dgss.tuning import METHODS
 from dgss.tuning.fishertune import FisherTune
 from dgss.tuning.fishertune.report import selection_statistics

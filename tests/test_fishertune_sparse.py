@@ -129,7 +129,7 @@ def test_optimizer_state_is_proportional_to_the_selected_count(delta_max):
 
 def test_merge_into_dense_gives_the_same_model_without_hooks():
     from dgss.config import load_config
-    from dgss.models.segmentor import build_segmentor
+    from dgss.tuning.model import build_segmentor
     from dgss.tuning.base import Frozen
     from dgss.tuning.fishertune import merge_into_dense
 

@@ -12,7 +12,7 @@ from torch import nn
 from conftest import tiny_overrides
 from dgss.config import load_config
 from dgss.data.synthetic import generate
-from dgss.models.segmentor import build_segmentor
+from dgss.tuning.model import build_segmentor
 from dgss.tuning.fishertune.drfim import DomainRelatedFisher, DRFIMOptions, selection_scores, threshold_scale
 from dgss.tuning.fishertune.fisher import squared_gradient_sums
 from dgss.tuning.fishertune.report import jaccard, selection_positions

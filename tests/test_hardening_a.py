@@ -23,7 +23,7 @@ from dgss.cli import main
 from dgss.config import load_config
 from dgss.models.backbone_weights import BackboneWeightsError, read_state_dict
 from dgss.models.backbones import build_backbone
-from dgss.models.segmentor import build_segmentor
+from dgss.tuning.model import build_segmentor
 from dgss.models.torchscript_weights import read_torchscript_state_dict
 from dgss.predict.loading import CheckpointError
 

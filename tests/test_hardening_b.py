@@ -19,15 +19,16 @@ from safetensors.torch import save_file
 from test_engine_support import backbone_weights_file, tiny_config
 
 import dgss.engine.trainer  # imported before any test patches build_segmentor, which it imports by name
-import dgss.models.segmentor
+import dgss.tuning.model
 from dgss.cli import main
 from dgss.config import ConfigError, load_config, save_config, validate_config
 from dgss.data.image_io import DataError, read_image, read_label
 from dgss.engine.checkpoint import CheckpointError, load_training_state, save_model, save_training_checkpoint
+from dgss.engine.config_check import check_config
 from dgss.fileio import remove_stale_temp_files
 from dgss.models.backbone_weights import BackboneWeightsError, read_state_dict
 from dgss.models.backbones import build_backbone
-from dgss.models.segmentor import build_segmentor
+from dgss.tuning.model import build_segmentor
 
 REPO = Path(__file__).resolve().parents[1]
 UNSAFE_ADVICE = ("weights_only=False", "`weights_only` set to `False`", "add_safe_globals", "safe_globals")
@@ -50,7 +51,7 @@ def never(name):
 @pytest.fixture
 def no_model_building(monkeypatch):
     """Fail the test if a segmentor is built (the checks must come first)."""
-    monkeypatch.setattr(dgss.models.segmentor, "build_segmentor", never("build_segmentor"))
+    monkeypatch.setattr(dgss.tuning.model, "build_segmentor", never("build_segmentor"))
     monkeypatch.setattr("dgss.engine.trainer.build_segmentor", never("build_segmentor"))
 
 
@@ -233,7 +234,28 @@ def test_config_rejects_unknown_names_and_non_positive_sizes_as_train_does(tmp_p
 
 def test_the_shipped_configs_pass_the_validation():
     for path in sorted((REPO / "configs").rglob("*.yaml")):
-        validate_config(load_config(path), str(path))
+        check_config(load_config(path), str(path))
+
+
+def test_the_config_module_imports_no_registry():
+    # dgss.config is the ground floor: the registries' names are checked above it (engine.config_check)
+    code = ("import sys, dgss.config; "
+            "print(sorted(m for m in sys.modules if m.startswith(('dgss.models', 'dgss.tuning', 'dgss.data', "
+            "'dgss.engine'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    cfg = load_config(None, ["method.name=reinn"])
+    assert validate_config(cfg) is cfg  # values only
+    with pytest.raises(ConfigError, match=r"key 'method.name': unknown method 'reinn'; did you mean 'rein'"):
+        check_config(cfg)
+
+
+def test_the_models_import_no_tuning_method():
+    # tuning sits on models: the segmentor holds a method without importing the package
+    code = ("import sys, dgss.models.segmentor, dgss.models.heads, dgss.models.backbones; "
+            "print(sorted(m for m in sys.modules if m.startswith(('dgss.tuning', 'dgss.engine'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -417,7 +439,7 @@ def test_the_cpu_example_config_loads_builds_and_trains(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # its weights path is relative to the repository root, as the README runs it
     example = Path("configs/examples/synthetic_cpu.yaml")
     assert main(["config", str(example)]) == 0
-    cfg = validate_config(load_config(example))
+    cfg = check_config(load_config(example))
     assert cfg.train.device == "cpu" and 100 <= cfg.train.iters <= 1000 and Path(cfg.model.weights).is_file()
     assert all(d.type == "synthetic" for d in (*cfg.data.train, *cfg.data.val, *cfg.data.test))
     small = ["train.iters=2", "train.checkpoint_interval=0", "train.eval_interval=0", "train.progress_bar=false",

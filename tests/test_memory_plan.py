@@ -119,7 +119,7 @@ def test_plan_arithmetic_ddp_fsdp_and_the_verdict():
 
 
 def _meta_model(cfg):
-    from dgss.models.segmentor import build_segmentor
+    from dgss.tuning.model import build_segmentor
 
     with torch.device("meta"):
         return build_segmentor(cfg)

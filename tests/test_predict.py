@@ -14,7 +14,7 @@ from dgss.config import load_config
 from dgss.data import TRAIN_ID_TO_LABEL_ID
 from dgss.engine.trainer import Trainer
 from dgss.fileio import CHECKSUM_KEY, save_safetensors
-from dgss.models.segmentor import build_segmentor
+from dgss.tuning.model import build_segmentor
 from dgss.predict import TTA, CheckpointError, Predictor, parse_tta, train_ids_to_label_ids, tta_inference
 from dgss.tuning.rein_checkpoint import export_official_rein
 

@@ -12,7 +12,7 @@ from dgss.cli import main
 from dgss.config import load_config
 from dgss.data import CITYSCAPES_PALETTE
 from dgss.engine.checkpoint import save_model
-from dgss.models.segmentor import build_segmentor
+from dgss.tuning.model import build_segmentor
 from dgss.predict.inputs import VideoReader
 
 

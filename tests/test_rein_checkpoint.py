@@ -140,7 +140,7 @@ def dinov2_file(tmp_path):
 
 
 def trained_segmentor(cfg):
-    from dgss.models.segmentor import build_segmentor
+    from dgss.tuning.model import build_segmentor
 
     model = build_segmentor(cfg)
     with torch.no_grad():  # stand-in for training: every Rein and head tensor changes
@@ -202,7 +202,7 @@ def test_model_files_full_and_rein_plus_head_load_with_one_call(tmp_path, dinov2
 
 
 def test_segmentor_training_step_trains_rein_and_head_only(dinov2_file):
-    from dgss.models.segmentor import build_segmentor
+    from dgss.tuning.model import build_segmentor
     from dgss.tuning.rein import trainable_parameter_counts
 
     model = build_segmentor(tiny_experiment(dinov2_file)).train()

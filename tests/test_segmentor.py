@@ -8,7 +8,8 @@ from torch import nn
 from dgss.config import EvalConfig, HeadConfig, load_config
 from dgss.models.backbones import build_backbone
 from dgss.models.mask2former import Mask2FormerHead
-from dgss.models.segmentor import Segmentor, build_segmentor, sliding_windows
+from dgss.models.segmentor import Segmentor, sliding_windows
+from dgss.tuning.model import build_segmentor
 from dgss.tuning.base import Frozen, TuningMethod
 
 TINY_MODEL = [
@@ -254,7 +255,7 @@ def test_mask2former_scores_are_class_probabilities_times_upsampled_mask_probabi
 
 def test_rein_queries_must_fit_the_head_is_a_config_error():
     from dgss.config import ConfigError, load_config
-    from dgss.models.segmentor import build_segmentor
+    from dgss.tuning.model import build_segmentor
 
     cfg = load_config(None, ["model.backbone=dinov2_s", "model.img_size=64",
                              "model.backbone_kwargs={depth: 4, embed_dim: 32, num_heads: 2}",

@@ -16,7 +16,7 @@ from dgss.config import MethodConfig, SoMAConfig, load_config
 from dgss.engine.checkpoint import load_model_weights, save_model
 from dgss.engine.optim import build_optimizer
 from dgss.models.backbones import build_backbone
-from dgss.models.segmentor import build_segmentor
+from dgss.tuning.model import build_segmentor
 from dgss.tuning import build_method
 from dgss.tuning.soma import annealed_weight_decay
 

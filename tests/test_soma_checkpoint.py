@@ -14,7 +14,7 @@ from dgss.cli import main
 from dgss.config import load_config
 from dgss.engine.checkpoint import CheckpointError
 from dgss.models.backbones import build_backbone
-from dgss.models.segmentor import build_segmentor
+from dgss.tuning.model import build_segmentor
 from dgss.predict.loading import load_segmentor
 from dgss.tuning.soma_checkpoint import SoMACheckpointError, segmentor_from_official_soma
 

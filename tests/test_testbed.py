@@ -440,7 +440,7 @@ def test_the_testbed_evaluates_with_precise_batch_norm_and_trains_an_sgd_probe(t
     from dgss.demo.run import evaluate_model_file
     from dgss.engine.checkpoint import save_model
     from dgss.engine.precise_bn import recalibrate_batch_norm
-    from dgss.models.segmentor import build_segmentor
+    from dgss.tuning.model import build_segmentor
 
     default = demo_config("full", budget=TESTBED_BUDGETS["default"], out_dir=tmp_path, world=TESTBED_WORLD,
                           weights=tiny_testbed_foundation)

@@ -41,10 +41,11 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def _load_checked_config(args: argparse.Namespace, extra: tuple[str, ...] = ()):
     """The config of ``args`` with its overrides, types and values checked (the checks of `dgss config`)."""
-    from .config import load_config, validate_config
+    from .config import load_config
+    from .engine.config_check import check_config
 
     cfg = load_config(args.config, list(args.overrides) + list(extra))
-    return validate_config(cfg, args.config)
+    return check_config(cfg, args.config)
 
 
 def _check_inputs(cfg, splits: tuple[str, ...]) -> None:
@@ -395,7 +396,7 @@ def _eval_run(args: argparse.Namespace) -> int:
     from .engine.evaluate import evaluate_datasets, format_markdown, results_writer
     from .engine.trainer import seed_everything
     from .fileio import check_input_file
-    from .models.segmentor import build_segmentor
+    from .tuning.model import build_segmentor
     from .predict.loading import is_dgss_model_file, load_segmentor
 
     cfg = _load_checked_config(args)

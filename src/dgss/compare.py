@@ -174,7 +174,7 @@ def _evaluate(cfg: ExperimentConfig, model_path: Path) -> None:
     from .engine.checkpoint import load_model_weights
     from .engine.distributed import init_distributed
     from .engine.evaluate import evaluate_datasets, results_writer
-    from .models.segmentor import build_segmentor
+    from .tuning.model import build_segmentor
 
     ctx = init_distributed(cfg.train.device)
     model = build_segmentor(cfg).to(ctx.device)

@@ -52,6 +52,7 @@ __all__ = [
     "parse_overrides",
     "save_config",
     "validate_config",
+    "check_name",
     "NON_EXPERIMENT_KEYS",
     "config_differences",
 ]
@@ -619,7 +620,9 @@ def to_dict(cfg: Any) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_name(key: str, value: str, valid, what: str, where: str) -> None:
+def check_name(key: str, value: str, valid, what: str, where: str = "") -> None:
+    """Raise a one-line ConfigError when ``value`` (at ``key``) is not one of ``valid``, naming the closest
+    valid name; ``where``: " in FILE" or "". The registries' modules and the config check call it."""
     if value in valid:
         return
     close = difflib.get_close_matches(str(value), list(valid), n=1, cutoff=0.3)
@@ -633,27 +636,18 @@ def _check_at_least(key: str, value: Optional[float], low: float, where: str) ->
 
 
 def validate_config(cfg: ExperimentConfig, source: str = "") -> ExperimentConfig:
-    """Check what the schema's types cannot: the backbone, method, head and dataset type names exist
-    (the registries as they are now, so methods and datasets registered by the user count), and sizes,
-    counts and intervals are in range. The one check behind ``dgss config`` and the train, eval and fisher
-    paths, so a config ``dgss config`` accepts is not rejected later for its values.
+    """Check what the schema's types cannot: sizes, counts, rates and intervals are in range. The names a
+    config gives to the registries (backbone, head, method, dataset types) are checked above this module,
+    where the registries are importable: :func:`dgss.engine.config_check.check_config` runs both, and is
+    the one check behind ``dgss config`` and the train, eval and fisher paths.
 
     Raises:
-        ConfigError: one line naming the key, the value and the closest valid value.
+        ConfigError: one line naming the key and the value.
     """
-    from .data.builder import DATASET_TYPES
-    from .models.backbones import BACKBONES
-    from .models.heads import HEADS
-    from .tuning import METHODS
-
     where = f" in {source}" if source else ""
-    _check_name("model.backbone", cfg.model.backbone, BACKBONES, "backbone", where)
-    _check_name("model.head.type", cfg.model.head.type, HEADS, "head type", where)
-    _check_name("method.name", cfg.method.name, METHODS, "method", where)
     for split in ("train", "val", "test"):
         for i, ds in enumerate(getattr(cfg.data, split)):
             key = f"data.{split}[{i}]"
-            _check_name(f"{key}.type", ds.type, DATASET_TYPES, "dataset type", where)
             _check_at_least(f"{key}.first_n", ds.first_n, 1, where)
             if ds.fraction is not None and not 0 < ds.fraction <= 1:
                 raise ConfigError(f"key '{key}.fraction'{where} must be in (0, 1], got {ds.fraction:g}")

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..config import ConfigError, DataConfig, DatasetConfig
+from ..config import ConfigError, DataConfig, DatasetConfig, check_name
 from .base import Sample, SegmentationDataset
 from .corruptions import ImageCorruption
 from .folder import FolderDataset, read_list_file
@@ -33,7 +33,7 @@ from .layouts import (
 from .synthetic import SyntheticDataset
 from .transforms import EvalTransform, TrainTransform
 
-__all__ = ["DATASET_TYPES", "build_dataset", "dataset_name", "select_fraction", "match_list"]
+__all__ = ["DATASET_TYPES", "build_dataset", "check_dataset_types", "dataset_name", "select_fraction", "match_list"]
 
 DATASET_TYPES: dict[str, type[SegmentationDataset]] = {
     "gtav": GTAVDataset,
@@ -50,6 +50,14 @@ DATASET_TYPES: dict[str, type[SegmentationDataset]] = {
 _NAME_SUFFIXES = ("_leftImg8bit", "_rgb_anon")
 _COMMON_KEYWORDS = {"name", "transform", "train", "on_bad_sample", "on_unknown_label", "corruption",
                     "mappings", "augment_seed", "with_labels", "condition"}
+
+
+def check_dataset_types(data_cfg: DataConfig, where: str = "") -> None:
+    """ConfigError (one line, the closest name) unless every dataset of the train, val and test lists has
+    a registered type (data.<split>[i].type)."""
+    for split in ("train", "val", "test"):
+        for i, ds in enumerate(getattr(data_cfg, split)):
+            check_name(f"data.{split}[{i}].type", ds.type, DATASET_TYPES, "dataset type", where)
 
 
 def dataset_name(cfg: DatasetConfig) -> str:

@@ -402,7 +402,7 @@ def _derived_run(row: str, seed: int, base: dict, *, budget: DemoBudget, out_dir
 
     from ..engine.checkpoint import load_model_weights, save_model
     from ..engine.trainer import FINAL_MODEL_NAME
-    from ..models.segmentor import build_segmentor
+    from ..tuning.model import build_segmentor
     from .run import evaluate_model_file
 
     base_row, alpha = DERIVED_ROWS[row]

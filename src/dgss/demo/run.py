@@ -171,7 +171,7 @@ def evaluate_model_file(cfg: ExperimentConfig, path: Path, *, ctx=None, progress
     from ..engine.distributed import DistContext
     from ..engine.evaluate import evaluate_dataset
     from ..engine.trainer import seed_everything
-    from ..models.segmentor import build_segmentor
+    from ..tuning.model import build_segmentor
 
     ctx = ctx or DistContext()
     seed_everything(cfg.train.seed)

@@ -4,11 +4,11 @@
     Trainer(cfg).train()                                  # RUN/model_final.safetensors
     Trainer(cfg, resume=True).train()                     # continue from RUN/checkpoints/last
 
-Submodules: ``trainer`` (the loop), ``checkpoint`` (atomic files, model weights, resume state),
-``data_stream`` (resumable batches), ``optim`` (AdamW, state by name), ``schedule`` (poly + warm-up),
-``distributed`` (torchrun processes), ``evaluate`` (mIoU reports), ``speed`` (activation checkpointing,
-torch.compile), ``ema`` (the weight EMA of ``train.ema``), ``preemption`` (SIGTERM/SIGUSR1: checkpoint and
-exit 75), ``logging``, ``metrics``.
+Submodules: ``trainer`` (the loop), ``config_check`` (a config's names and values, before anything is
+built), ``checkpoint`` (atomic files, model weights, resume state), ``data_stream`` (resumable batches),
+``optim`` (AdamW, state by name), ``schedule`` (poly + warm-up), ``distributed`` (torchrun processes),
+``evaluate`` (mIoU reports), ``speed`` (activation checkpointing, torch.compile), ``ema`` (the weight EMA of
+``train.ema``), ``preemption`` (SIGTERM/SIGUSR1: checkpoint and exit 75), ``logging``, ``metrics``.
 Imports are lazy so that ``dgss.engine.metrics`` stays light.
 """
 

@@ -208,7 +208,7 @@ def convert_checkpoint(spec, out, cfg=None) -> Path:
     import torch.distributed.checkpoint as dcp
 
     from ..config import load_config
-    from ..models.segmentor import build_segmentor
+    from ..tuning.model import build_segmentor
     from . import checkpoint as ckpt
 
     folder, state_path = latest_checkpoint(spec)

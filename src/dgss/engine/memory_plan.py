@@ -147,7 +147,7 @@ class Planner:
     """Plans ``cfg`` and its variants; probes are cached, so a table of variants costs few probes."""
 
     def __init__(self, cfg, *, device: str = "cuda"):
-        from ..models.segmentor import build_segmentor
+        from ..tuning.model import build_segmentor
 
         self.cfg = copy.deepcopy(cfg)
         self.cfg.model.weights = None  # shapes only: no file is read

@@ -259,7 +259,7 @@ def _inputs(cfg, batch: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _segmentor(cfg, device: str) -> nn.Module:
-    from ..models.segmentor import build_segmentor
+    from ..tuning.model import build_segmentor
 
     with torch.device(device):
         model = build_segmentor(cfg)

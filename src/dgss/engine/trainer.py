@@ -51,12 +51,13 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import NON_EXPERIMENT_KEYS, ExperimentConfig, config_differences, save_config, to_dict, validate_config
+from ..config import NON_EXPERIMENT_KEYS, ExperimentConfig, config_differences, save_config, to_dict
 from ..data import build_train_loader
 from ..fileio import remove_stale_temp_files
-from ..models.segmentor import build_segmentor
+from ..tuning.model import build_segmentor
 from . import checkpoint as ckpt
 from . import fsdp
+from .config_check import check_config
 from .data_stream import ResumableBatches
 from .distributed import DistContext, all_reduce_sum, barrier, broadcast_object, init_distributed
 from .ema import WeightEMA
@@ -135,7 +136,7 @@ class Trainer:
     def __init__(self, cfg: ExperimentConfig, *, resume: Union[None, bool, str, Path] = None,
                  ctx: Optional[DistContext] = None) -> None:
         train = cfg.train
-        validate_config(cfg)  # the names and values `dgss config` checks, before anything is built
+        check_config(cfg)  # the names and values `dgss config` checks, before anything is built
         self._resume_notes: list[str] = []  # what the log says about where the run starts
         fsdp_run = train.parallel == "fsdp"  # (its checkpoints are dgss.engine.fsdp's)
         if resume == "auto" and not (fsdp.has_checkpoint(cfg.run_dir / "checkpoints") if fsdp_run

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BackboneSpec", "BACKBONES", "Backbone", "build_backbone", "list_backbones"]
+from ..config import check_name
+
+__all__ = ["BackboneSpec", "BACKBONES", "Backbone", "build_backbone", "list_backbones", "check_backbone_name"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,11 @@ BACKBONES: dict[str, BackboneSpec] = {
 
 def list_backbones() -> list[str]:
     return sorted(BACKBONES)
+
+
+def check_backbone_name(name: str, where: str = "") -> None:
+    """ConfigError (one line, the closest name) unless ``name`` is a registered backbone (model.backbone)."""
+    check_name("model.backbone", name, BACKBONES, "backbone", where)
 
 
 class DeconvPyramid(nn.Module):

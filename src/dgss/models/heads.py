@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import HeadConfig
+from ..config import HeadConfig, check_name
 from .mask2former.layers import ConvGN
 
-__all__ = ["FPNHead", "LinearHead", "HEADS", "build_head"]
+__all__ = ["FPNHead", "LinearHead", "HEADS", "build_head", "check_head_type"]
 
 
 class FPNHead(nn.Module):
@@ -128,6 +128,11 @@ def _linear(in_channels, cfg, external_queries, query_content):
 
 
 HEADS = {"mask2former": _mask2former, "fpn": _fpn, "linear": _linear}
+
+
+def check_head_type(name: str, where: str = "") -> None:
+    """ConfigError (one line, the closest name) unless ``name`` is a registered head (model.head.type)."""
+    check_name("model.head.type", name, HEADS, "head type", where)
 
 
 def build_head(cfg: HeadConfig, in_channels: Sequence[int], *, external_queries: bool = False,

@@ -1,6 +1,6 @@
 """The segmentor: backbone + tuning method + decode head; training loss and inference.
 
-    model = build_segmentor(cfg)                      # from an ExperimentConfig
+    model = build_segmentor(cfg)                      # dgss.tuning.model: from an ExperimentConfig
     losses = model.loss(images, labels)               # {"loss": total, "loss_cls": ..., ...}
     losses = ddp_model(images, labels)                # the same, through DistributedDataParallel
     scores = model.inference(images, out_size=(H, W)) # B x K x H x W, slide or whole (cfg.eval)
@@ -13,20 +13,20 @@ segmentor never tests a method's or a head's name: it asks the method for querie
 
 from __future__ import annotations
 
-import warnings
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, EvalConfig, ExperimentConfig
-from ..tuning import build_method
-from ..tuning.base import TuningMethod, decay_groups
-from .backbones import Backbone, build_backbone
-from .heads import build_head
+from ..config import EvalConfig
+from .backbones import Backbone
+from .param_groups import decay_groups
 
-__all__ = ["Segmentor", "build_segmentor", "sliding_windows"]
+if TYPE_CHECKING:  # tuning sits on models: the segmentor holds a method, it never imports the package
+    from ..tuning.base import TuningMethod
+
+__all__ = ["Segmentor", "sliding_windows"]
 
 
 def sliding_windows(height: int, width: int, crop: Sequence[int],
@@ -171,28 +171,3 @@ class Segmentor(nn.Module):
     def segment(self, images: torch.Tensor, out_size: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Predicted class per pixel: B x H x W (argmax of :meth:`inference`)."""
         return self.inference(images, out_size).argmax(1)
-
-
-def build_segmentor(cfg: ExperimentConfig) -> Segmentor:
-    """Backbone (``cfg.model``), tuning method (``cfg.method``) and head (``cfg.model.head``)."""
-    model = cfg.model
-    backbone = build_backbone(model.backbone, weights=model.weights, img_size=model.img_size,
-                              patch_size=model.patch_size, out_indices=model.out_indices,
-                              drop_path_rate=model.drop_path_rate, patch_resize=model.patch_resize,
-                              **model.backbone_kwargs)
-    method = build_method(cfg.method, backbone)
-    with torch.no_grad():
-        queries = method.head_queries()
-    supplies_queries = queries is not None
-    expected = (model.head.num_queries, model.head.hidden_dim)
-    if supplies_queries and model.head.type == "mask2former" and tuple(queries.shape) != expected:
-        raise ConfigError(
-            f"method '{method.name}' supplies {queries.shape[0]} x {queries.shape[1]} queries but the head expects "
-            f"model.head.num_queries x model.head.hidden_dim = {expected[0]} x {expected[1]}: make them equal "
-            f"(for Rein: method.rein.num_tokens and method.rein.query_dim)")
-    head = build_head(model.head, backbone.channels, external_queries=supplies_queries,
-                      query_content=method.query_content)
-    if supplies_queries and not getattr(head, "accepts_queries", False):
-        warnings.warn(f"method '{method.name}' supplies head queries but the '{model.head.type}' head does not "
-                      "use them; the method's query parameters will get no gradient", stacklevel=2)
-    return Segmentor(backbone, method, head, num_classes=model.head.num_classes, eval_cfg=cfg.eval)

@@ -102,7 +102,7 @@ def _has_dgss_metadata(path: Path) -> bool:
 
 
 def _load_dgss_file(path: Path, overrides: Sequence[str], backbone_weights: Optional[PathLike]):
-    from ..models.segmentor import build_segmentor
+    from ..tuning.model import build_segmentor
 
     meta = read_model_file_metadata(path)
     data = meta.get("config")
@@ -155,7 +155,7 @@ def load_segmentor(path: PathLike, *, config: ConfigLike = None, overrides: Sequ
     Raises:
         CheckpointError: the file is missing, of an unknown kind, or does not fit (names the file).
     """
-    from ..models.segmentor import build_segmentor
+    from ..tuning.model import build_segmentor
     from ..tuning.rein_checkpoint import segmentor_from_official_rein
     from ..tuning.soma_checkpoint import SoMACheckpointError, is_official_soma_state, segmentor_from_official_soma
 

@@ -6,9 +6,10 @@ import difflib
 import importlib
 from typing import Callable
 
+from ..config import check_name
 from .base import Frozen, Full, TuningMethod
 
-__all__ = ["TuningMethod", "Frozen", "Full", "METHODS", "build_method"]
+__all__ = ["TuningMethod", "Frozen", "Full", "METHODS", "build_method", "check_method_name"]
 
 
 def _frozen(cfg, backbone) -> TuningMethod:
@@ -41,6 +42,11 @@ METHODS: dict[str, Callable] = {
     "soma": _lazy(".soma", "build_soma"),
     "lp-ft": _lazy(".lpft", "build_lpft"),
 }
+
+
+def check_method_name(name: str, where: str = "") -> None:
+    """ConfigError (one line, the closest name) unless ``name`` is a registered method (method.name)."""
+    check_name("method.name", name, METHODS, "method", where)
 
 
 def build_method(cfg, backbone) -> TuningMethod:

@@ -17,45 +17,9 @@ from typing import Iterable, Iterator, Optional
 import torch
 from torch import nn
 
+from ..models.param_groups import NO_DECAY_KEYWORDS, decay_groups  # the head's groups are made so too
+
 __all__ = ["TuningMethod", "NO_DECAY_KEYWORDS", "decay_groups", "count_trainable", "require_token_backbone"]
-
-# Parameter-name fragments that get no weight decay (rein.md: tokens, scale, norms, query and
-# level embeddings; plus the position/class/register embeddings of the backbone).
-NO_DECAY_KEYWORDS = (
-    "norm",
-    "learnable_tokens",
-    "scale",
-    "query_embed",
-    "query_feat",
-    "level_embed",
-    "pos_embed",
-    "cls_token",
-    "reg_token",
-    "gamma",
-    "ls1",
-    "ls2",
-)
-
-
-def decay_groups(
-    named_params: Iterable[tuple[str, nn.Parameter]],
-    lr: float,
-    weight_decay: float,
-    no_decay_keywords: tuple[str, ...] = NO_DECAY_KEYWORDS,
-) -> list[dict]:
-    """Split trainable parameters into a decayed and a non-decayed AdamW group (by name)."""
-    decay, no_decay = [], []
-    for name, param in named_params:
-        if not param.requires_grad:
-            continue
-        (no_decay if any(k in name for k in no_decay_keywords) else decay).append(param)
-    groups = []
-    if decay:
-        groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay})
-    if no_decay:
-        groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0})
-    return groups
-
 
 def count_trainable(params: Iterable[nn.Parameter]) -> int:
     return sum(p.numel() for p in params if p.requires_grad)

@@ -189,7 +189,7 @@ def export_official_rein(method: Rein, head: Optional[nn.Module] = None) -> dict
 def segmentor_from_official_rein(cfg, checkpoint: Union[str, os.PathLike, dict]):
     """One call for evaluating a published Rein model: ``build_segmentor(cfg)`` (``cfg.model.weights``:
     the backbone's own file, e.g. the official DINOv2 one) with the checkpoint's Rein and head loaded."""
-    from ..models.segmentor import build_segmentor
+    from .model import build_segmentor
 
     segmentor = build_segmentor(cfg)
     import_official_rein(checkpoint, segmentor.method, segmentor.head)
@@ -294,7 +294,7 @@ def load_model_file(path: Union[str, os.PathLike], *, backbone_weights: Optional
         backbone_weights: for a "rein+head" file, the pretrained backbone file (default: the one
             recorded at save time). Ignored for a "full" file.
     """
-    from ..models.segmentor import build_segmentor  # lazily: the segmentor imports the tuning package
+    from .model import build_segmentor  # lazily: the model module imports this package's registry
 
     tensors, meta = read_model_file(path)  # checksum verified before the config in it is trusted
     cfg = from_dict(ExperimentConfig, meta["config"], source=str(path))

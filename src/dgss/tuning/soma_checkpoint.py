@@ -203,7 +203,7 @@ def segmentor_from_official_soma(cfg, checkpoint: Union[str, os.PathLike, dict],
     from the file), the release's factors, biases and head loaded and, with ``fold``, SoMA folded into
     the backbone's dense weights (W + s B A; no overhead at inference). ``checkpoint``: a file or its
     state dict; ``raw``: the file's raw weights instead of its EMA ones."""
-    from ..models.segmentor import build_segmentor
+    from .model import build_segmentor
 
     cfg = public_code_config(cfg)
     source = "the state dict" if isinstance(checkpoint, dict) else str(checkpoint)

@@ -312,7 +312,7 @@ def run_fisher(cfg, *, device: Optional[str] = None, out_dir=None, stability: bo
     from tqdm import tqdm
 
     from ...data.loader import build_train_loader
-    from ...models.segmentor import build_segmentor
+    from ..model import build_segmentor
     from .method import FisherTune
 
     if cfg.method.name != "fishertune":
