@@ -1,6 +1,7 @@
 """Shared helpers of the engine tests (tiny configs, subprocess runs), and the engine's small units:
 the lr schedule and the optimizer state kept by parameter name."""
 
+import math
 import copy
 import os
 import subprocess
@@ -13,7 +14,7 @@ import yaml
 from conftest import TINY_VIT
 from safetensors.torch import load_file
 
-from dgss.config import TrainConfig
+from dgss.config import ConfigError, TrainConfig, load_config
 from dgss.engine.optim import build_optimizer, load_optimizer_state_by_name, optimizer_state_by_name
 from dgss.engine.schedule import PolySchedule
 
@@ -110,6 +111,24 @@ def test_poly_schedule_reaches_zero_and_warms_up_linearly():
     assert floored.factor(10) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="warmup_iters"):
         PolySchedule(total_iters=10, warmup_iters=10)
+
+
+def test_cosine_decay_follows_half_a_cosine_after_the_warm_up():
+    cosine = PolySchedule.from_config(TrainConfig(iters=110, lr=1e-2, warmup_iters=10, lr_decay="cosine"))
+    assert cosine.factor(10) == pytest.approx(1.0)
+    assert cosine.factor(35) == pytest.approx((1 + math.cos(math.pi / 4)) / 2)
+    assert cosine.factor(60) == pytest.approx(0.5)
+    assert cosine.factor(110) == pytest.approx(0.0, abs=1e-12)
+    # the reason to choose it: more of the run at a small lr than poly 0.9 (iterations below lr / 10)
+    poly = PolySchedule(total_iters=110, power=0.9, warmup_iters=10)
+    low = [sum(s.factor(i) < 0.1 for i in range(110)) for s in (cosine, poly)]
+    assert low[0] > 2.4 * low[1]
+    floored = PolySchedule.from_config(TrainConfig(iters=10, lr=1e-3, min_lr=1e-4, lr_decay="cosine"))
+    assert floored.factor(10) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="lr_decay"):
+        PolySchedule(total_iters=10, decay="linear")
+    with pytest.raises(ConfigError, match="lr_decay"):
+        load_config(None, ["train.lr_decay=linear"])
 
 
 class _TwoLayers(torch.nn.Module):

@@ -410,6 +410,10 @@ class TrainConfig:
     # lr(it) = lr * (1 - t)^poly_power, t going from 0 after the warm-up to 1 at `iters`, floored at
     # min_lr (protocols.md names no floor, so the default decays to 0)
     poly_power: float = 0.9
+    # "poly" (the papers', above) or "cosine": lr * (1 + cos(pi t)) / 2, the same t and floor (SGDR
+    # without restarts; DINO's linear probes). Cosine spends about 2.7 x as many iterations below a tenth
+    # of the lr, so the last weights average more batches (dgss.engine.schedule)
+    lr_decay: Literal["poly", "cosine"] = "poly"
     min_lr: float = 0.0
     warmup_iters: int = 0  # linear warm-up from lr * warmup_start_factor to lr (1024 recipe: 10000)
     warmup_start_factor: float = 1e-6
