@@ -447,6 +447,9 @@ def test_the_testbed_evaluates_with_precise_batch_norm_and_trains_an_sgd_probe(t
     assert (default.train.head_optim.optimizer, default.train.head_optim.lr_mult) == ("sgd", 1.0)
     assert default.train.head_optim.momentum == 0.9 and default.eval.precise_bn_batches == 64
     assert demo_config("frozen", budget=SMOKE_BUDGET, out_dir=tmp_path, weights=None).eval.precise_bn_batches == 0
+    # every testbed row decays its lr by a cosine; the demo world keeps the papers' poly
+    assert default.train.lr_decay == "cosine"
+    assert demo_config("frozen", budget=SMOKE_BUDGET, out_dir=tmp_path, weights=None).train.lr_decay == "poly"
 
     cfg = demo_config("frozen", budget=SMOKE_BUDGET, out_dir=tmp_path, world=TESTBED_WORLD,
                       weights=tiny_testbed_foundation, targets=["night-1"], overrides=["eval.precise_bn_batches=2"])

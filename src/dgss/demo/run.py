@@ -139,6 +139,7 @@ def demo_config(method: str, *, budget: DemoBudget, out_dir: str | Path, weights
         raw["train"]["head_optim"] = dict(world.head_optim)
     if world.precise_bn_batches:
         raw["eval"]["precise_bn_batches"] = world.precise_bn_batches
+    raw["train"]["lr_decay"] = world.lr_decay
     if override_items:
         raw = apply_overrides(raw, override_items)
     return from_dict(ExperimentConfig, raw, source="the demo's experiment" + (" with overrides" if override_items else ""))
