@@ -6,7 +6,7 @@
 
 Submodules: ``trainer`` (the loop), ``config_check`` (a config's names and values, before anything is
 built), ``checkpoint`` (atomic files, model weights, resume state), ``data_stream`` (resumable batches),
-``optim`` (AdamW, state by name), ``schedule`` (poly + warm-up), ``distributed`` (torchrun processes),
+``optim`` (AdamW, state by name), ``schedule`` (warm-up, poly or cosine), ``distributed`` (torchrun processes),
 ``evaluate`` (mIoU reports), ``speed`` (activation checkpointing, torch.compile), ``ema`` (the weight EMA of
 ``train.ema``), ``preemption`` (SIGTERM/SIGUSR1: checkpoint and exit 75), ``logging``, ``metrics``.
 Imports are lazy so that ``dgss.engine.metrics`` stays light.
