@@ -9,6 +9,7 @@ them it is a single process and nothing is initialised.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -74,8 +75,16 @@ def init_distributed(device: str = "auto") -> DistContext:
 
 
 def shutdown_distributed() -> None:
+    """Leave the process group, and free it while the interpreter is alive.
+
+    ``destroy_process_group`` only drops torch's registry entry: DDP's reducer and FSDP's device mesh
+    hold the group too, often inside reference cycles (the trainer and its model) that the cycle
+    collector would otherwise free only during interpreter finalization. Gloo's worker threads
+    destroyed there abort the process ("terminate called without an active exception", SIGABRT after a
+    run that had finished and written its files); collecting here joins them normally."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()
 
 
 def _active() -> bool:
