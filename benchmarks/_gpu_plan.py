@@ -62,7 +62,7 @@ def _measure(cfg, kind: str, amp: str, device, section: gs.Section, name: str) -
     """One case, measured in a frame of its own: the model, its method and the closures that hold
     them all die when ``_measure_case`` returns, so the cycle collector frees them before the next
     case resets the peak. (Freeing inside that frame left the 7B estimate's weights allocated
-    during the next case: DINOv2-L frozen measured 36.8 GiB against 7.3 GiB on the H200.)"""
+    during the next case: DINOv2-L frozen measured 36.0 GiB against 7.3 GiB on the H200.)"""
     gs.free_memory(device)
     left_over = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     entry = _measure_case(cfg, kind, amp, device, section, name)
