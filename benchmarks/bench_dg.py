@@ -55,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     size.add_argument("--smoke", action="store_true", help="test-sized: a few iterations, 2-4 images")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: train and evaluate on the GPU, with the larger GPU budget unless --quick/--smoke")
+    parser.add_argument("--budget", choices=("default", "quick", "smoke", "cuda"),
+                        help="the budget by name, whatever the device (default: cuda with --device cuda, else "
+                             "default; --quick and --smoke name theirs); e.g. --device cuda --budget default runs "
+                             "the CPU run's sizes on a GPU")
     parser.add_argument("--iters", type=int, metavar="N", help="iterations per run (overrides the budget's)")
     parser.add_argument("--curve-points", type=int, metavar="N",
                         help="evaluated iterations per run, the last included (default: 4; --smoke: 2)")
@@ -100,7 +104,10 @@ def plan(args: argparse.Namespace):
         if count < 1:
             fail(f"--seeds must be >= 1, got {count}")
         seeds = list(range(count))
-    name = "smoke" if args.smoke else "quick" if args.quick else "cuda" if args.device == "cuda" else "default"
+    if args.budget and (args.quick or args.smoke):
+        fail("--budget and --quick/--smoke: give one of them")
+    name = args.budget or ("smoke" if args.smoke else "quick" if args.quick else "cuda" if args.device == "cuda"
+                           else "default")
     budget = (TESTBED_BUDGETS if args.world == "testbed" else BUDGETS)[name]
     if args.iters is not None:
         if args.iters < 2:

@@ -11,7 +11,7 @@ import pytest
 import dgss.engine.trainer as trainer_module
 from dgss.cli import main as dgss_main
 from dgss.demo import SOURCE, TARGETS, run_demo
-from dgss.demo.benchmark import RESULT_FILE, ROWS, SMOKE_BUDGET, run_seeded
+from dgss.demo.benchmark import RESULT_FILE, ROWS, SMOKE_BUDGET, TESTBED_BUDGETS, run_seeded
 from dgss.demo.dg_stats import CLAIMS, mean_std, paired_difference, summarize, t_interval, verdict
 from dgss.demo.run import curve_iterations, demo_config
 
@@ -190,6 +190,7 @@ def test_curve_iterations(iters, points, expected):
     (["--seed-list", "0,x"], "--seed-list"),
     (["--seeds", "0"], "--seeds must be >= 1"),
     (["--smoke", "--curve-points", "9"], "--curve-points must be in [1, 4]"),
+    (["--quick", "--budget", "default"], "--budget and --quick/--smoke"),
 ])
 def test_usage_errors_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -197,6 +198,17 @@ def test_usage_errors_are_one_line(argv, message, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_budget_is_named_apart_from_the_device():
+    """--device cuda takes the GPU budget unless --budget names another (the CPU run's sizes on a GPU)."""
+    def budget_of(*argv):
+        return bench_dg.plan(bench_dg.parse_args(list(argv)))[2:4]
+
+    assert budget_of("--device", "cuda") == ("cuda", TESTBED_BUDGETS["cuda"])
+    assert budget_of("--device", "cuda", "--budget", "default") == ("default", TESTBED_BUDGETS["default"])
+    assert budget_of("--budget", "quick")[1] == TESTBED_BUDGETS["quick"] != TESTBED_BUDGETS["default"]
+    assert budget_of()[0] == "default"
 
 
 def test_demo_seeds_must_be_positive(tmp_path, capsys):

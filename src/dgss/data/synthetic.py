@@ -87,6 +87,13 @@ SEVERITY_STYLES: dict[str, DomainStyle] = {
     "colorshift-2": DomainStyle(exposure=(0.85, 1.1), colour_shift=True),
     "blur-1": DomainStyle(grain=4.0, blur=1.0),
     "blur-2": DomainStyle(grain=10.0, blur=2.0),
+    # candidate severities screened for the testbed (docs/dg_benchmark.md, "Targets off the floor"); appended
+    # last so that the draws of the styles above keep their indices
+    "night-a": DomainStyle(grain=3.0, exposure=(0.55, 0.70), night=True),
+    "night-b": DomainStyle(grain=4.0, exposure=(0.40, 0.50), night=True),
+    "night-c": DomainStyle(grain=5.0, exposure=(0.30, 0.38), night=True),
+    "colorshift-a": DomainStyle(exposure=(0.85, 1.1), colour_shift=True, hue_angle=(0.45 * np.pi, 0.65 * np.pi)),
+    "colorshift-b": DomainStyle(exposure=(0.85, 1.1), colour_shift=True, hue_angle=(0.65 * np.pi, 0.85 * np.pi)),
 }
 _ALL_STYLES: dict[str, DomainStyle] = {**DOMAIN_STYLES, **SEVERITY_STYLES}
 _STYLE_INDEX = {name: i for i, name in enumerate(DOMAINS)} | {name: 100 + i for i, name in enumerate(SEVERITY_STYLES)}

@@ -1,0 +1,99 @@
+"""The testbed's target screen on a lent GPU (issue 22, P3-P4): many seeds of the core rows trained at the
+CPU run's sizes, each final model then scored on the world's targets and on candidate severities.
+
+    python benchmarks/gpu_dg_screen.py --out $OUT [--deadline 520] [--parallel 10] [--images 64]
+    python benchmarks/gpu_dg_screen.py --out /tmp/screen --device cpu --budget smoke   # a dry run on a CPU
+
+Training sees the source only, so the targets a world is scored on can be screened after training,
+with the same models: every (row, seed) of JOBS is ``bench_dg.py --budget default --methods ROW
+--seed-list SEED`` in its own process (several at once on one GPU), then ``bench_dg_rescore.py
+--domains`` on its final model. It writes OUT/<row>-seed<k>.json (the run's record, without model files)
+and OUT/<row>-seed<k>.rescore.jsonl as each finishes, and stops launching at the deadline, so a run cut
+by the device's time limit still returns what finished. It selects nothing: the rule that picks the
+severities reads Frozen alone (docs/dg_benchmark.md, "Targets off the floor").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# in priority order: the rule's Frozen seeds first, then the adapting rows whose spread decides P4
+JOBS = [("frozen", s) for s in (0, 1, 2)] + [(row, s) for s in (0, 1, 2) for row in ("full", "lp-ft", "fishertune")] \
+    + [(row, s) for s in (3, 4) for row in ("full", "lp-ft", "fishertune", "frozen")] + [("rein", s) for s in (0, 1, 2)]
+DOMAINS = ("night-1", "night-2", "night-a", "night-b", "night-c", "fog-1", "fog-2", "rain-1", "rain-2",
+           "colorshift-1", "colorshift-2", "colorshift-a", "colorshift-b")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/dg_screen"), help="run folders (model files)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--budget", default="default")
+    parser.add_argument("--deadline", type=float, default=520.0, help="seconds: no launch after, kill at")
+    parser.add_argument("--parallel", type=int, default=10)
+    parser.add_argument("--images", type=int, default=64, help="images per domain in the re-scoring")
+    parser.add_argument("--limit", type=int, help="only the first N jobs")
+    args = parser.parse_args(argv)
+    start = time.time()
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": f"{HERE.parent / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    pending, running, finished = list(JOBS[:args.limit] if args.limit else JOBS), {}, []
+    log = (args.out / "screen.log").open("a")
+
+    def say(line):
+        line = f"[{time.time() - start:6.1f}s] {line}"
+        print(line, flush=True)
+        log.write(line + "\n")
+        log.flush()
+
+    while pending or running:
+        elapsed = time.time() - start
+        while pending and len(running) < args.parallel and elapsed < args.deadline - 60:
+            row, seed = pending.pop(0)
+            work = args.work / f"{row}-seed{seed}"
+            run_dir = work / "runs" / row / f"seed{seed}"
+            command = (f"{sys.executable} {HERE / 'bench_dg.py'} --device {args.device} --budget {args.budget} "
+                       f"--methods {row} --seed-list {seed} --jobs 1 --out {work} > {work}.train.log 2>&1; "
+                       # the report's figure needs matplotlib, which a bare GPU machine may lack: the run's
+                       # record is written before it, so the re-scoring goes on whatever the report did
+                       f"test -f {run_dir}/benchmark.json && {sys.executable} {HERE / 'bench_dg_rescore.py'} {run_dir} --images {args.images} "
+                       f"--domains {','.join(DOMAINS)} > {work}.rescore.jsonl 2> {work}.rescore.err")
+            args.work.mkdir(parents=True, exist_ok=True)
+            running[row, seed] = (subprocess.Popen(command, shell=True, env=env, start_new_session=True), run_dir, work)
+            say(f"launched {row} seed {seed}")
+        for key, (proc, run_dir, work) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[key]
+            name = f"{key[0]}-seed{key[1]}"
+            record = run_dir / "benchmark.json"
+            if record.is_file():
+                shutil.copy(record, args.out / f"{name}.json")
+            for suffix in (".rescore.jsonl", ".train.log", ".rescore.err"):
+                path = Path(f"{work}{suffix}")
+                if path.is_file() and (suffix != ".train.log" or proc.returncode or not record.is_file()):
+                    shutil.copy(path, args.out / f"{name}{suffix}")
+            finished.append(name)
+            say(f"finished {name} rc {proc.returncode}")
+        if time.time() - start > args.deadline:
+            for key, (proc, _, _) in running.items():
+                os.killpg(proc.pid, 9)
+                say(f"killed {key[0]} seed {key[1]} at the deadline")
+            break
+        time.sleep(1.0)
+    say(f"done: {len(finished)} finished, {len(pending)} not launched")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
