@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "default; --quick and --smoke name theirs); e.g. --device cuda --budget default runs "
                              "the CPU run's sizes on a GPU")
     parser.add_argument("--iters", type=int, metavar="N", help="iterations per run (overrides the budget's)")
+    parser.add_argument("--train-images", type=int, metavar="N",
+                        help="distinct source scenes (overrides the budget's; the iterations stay)")
     parser.add_argument("--curve-points", type=int, metavar="N",
                         help="evaluated iterations per run, the last included (default: 4; --smoke: 2)")
     parser.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads per run (default: 1)")
@@ -113,6 +115,10 @@ def plan(args: argparse.Namespace):
         if args.iters < 2:
             fail(f"--iters must be >= 2, got {args.iters}")
         budget = dataclasses.replace(budget, iters=args.iters)
+    if args.train_images is not None:
+        if args.train_images < 1:
+            fail(f"--train-images must be >= 1, got {args.train_images}")
+        budget = dataclasses.replace(budget, train_images=args.train_images)
     points = args.curve_points if args.curve_points is not None else (2 if args.smoke else 4)
     if not 1 <= points <= budget.iters:
         fail(f"--curve-points must be in [1, {budget.iters}] (the iterations), got {points}")

@@ -42,12 +42,19 @@ def main(argv=None) -> int:
     parser.add_argument("--parallel", type=int, default=10)
     parser.add_argument("--images", type=int, default=64, help="images per domain in the re-scoring")
     parser.add_argument("--limit", type=int, help="only the first N jobs")
+    parser.add_argument("--rows", help="comma-separated rows, each at every seed of --seeds (default: JOBS)")
+    parser.add_argument("--seeds", default="0,1,2", help="with --rows (default 0,1,2)")
+    parser.add_argument("--pack", action="store_true",
+                        help="keep OUT to screen.log and one archive, screen.tgz (the device returns few files)")
+    parser.add_argument("--extra", default="", help="more bench_dg.py arguments, e.g. '--train-images 7680'")
     args = parser.parse_args(argv)
     start = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": f"{HERE.parent / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1"}
-    pending, running, finished = list(JOBS[:args.limit] if args.limit else JOBS), {}, []
+    jobs = ([(row, int(seed)) for seed in args.seeds.split(",") for row in args.rows.split(",")] if args.rows
+            else JOBS)
+    pending, running, finished = list(jobs[:args.limit] if args.limit else jobs), {}, []
     log = (args.out / "screen.log").open("a")
 
     def say(line):
@@ -63,7 +70,7 @@ def main(argv=None) -> int:
             work = args.work / f"{row}-seed{seed}"
             run_dir = work / "runs" / row / f"seed{seed}"
             command = (f"{sys.executable} {HERE / 'bench_dg.py'} --device {args.device} --budget {args.budget} "
-                       f"--methods {row} --seed-list {seed} --jobs 1 --out {work} > {work}.train.log 2>&1; "
+                       f"--methods {row} --seed-list {seed} --jobs 1 {args.extra} --out {work} > {work}.train.log 2>&1; "
                        # the report's figure needs matplotlib, which a bare GPU machine may lack: the run's
                        # record is written before it, so the re-scoring goes on whatever the report did
                        f"test -f {run_dir}/benchmark.json && {sys.executable} {HERE / 'bench_dg_rescore.py'} {run_dir} --images {args.images} "
@@ -77,14 +84,17 @@ def main(argv=None) -> int:
             del running[key]
             name = f"{key[0]}-seed{key[1]}"
             record = run_dir / "benchmark.json"
-            if record.is_file():
+            if record.is_file() and not args.pack:
                 shutil.copy(record, args.out / f"{name}.json")
             for suffix in (".rescore.jsonl", ".train.log", ".rescore.err"):
                 path = Path(f"{work}{suffix}")
-                if path.is_file() and (suffix != ".train.log" or proc.returncode or not record.is_file()):
+                if not args.pack and path.is_file() and (suffix != ".train.log" or proc.returncode or not record.is_file()):
                     shutil.copy(path, args.out / f"{name}{suffix}")
             finished.append(name)
             say(f"finished {name} rc {proc.returncode}")
+            if args.pack:  # one archive of every record so far: a device may return only a few files
+                subprocess.run(f"cd {args.work} && tar czf {args.out / 'screen.tgz'} *.rescore.jsonl "
+                               f"*/runs/*/seed*/benchmark.json", shell=True, check=False)
         if time.time() - start > args.deadline:
             for key, (proc, _, _) in running.items():
                 os.killpg(proc.pid, 9)
