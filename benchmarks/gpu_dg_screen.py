@@ -3,6 +3,7 @@ CPU run's sizes, each final model then scored on the world's targets and on cand
 
     python benchmarks/gpu_dg_screen.py --out $OUT [--deadline 520] [--parallel 10] [--images 64]
     python benchmarks/gpu_dg_screen.py --out /tmp/screen --device cpu --budget smoke   # a dry run on a CPU
+    python benchmarks/gpu_dg_screen.py --summarize benchmarks/results/gpu_h200/dg_screen/scenes1920/rescore.jsonl
 
 Training sees the source only, so the targets a world is scored on can be screened after training,
 with the same models: every (row, seed) of JOBS is ``bench_dg.py --budget default --methods ROW
@@ -32,9 +33,46 @@ DOMAINS = ("night-1", "night-2", "night-a", "night-b", "night-c", "fog-1", "fog-
            "colorshift-1", "colorshift-2", "colorshift-a", "colorshift-b")
 
 
+# the world's targets at the screen, and the set the rule written before it chose (on Frozen alone)
+TARGET_SETS = {
+    "world": ("night-1", "night-2", "fog-1", "fog-2", "rain-1", "rain-2", "colorshift-1", "colorshift-2"),
+    "rule": ("night-a", "night-c", "fog-1", "fog-2", "rain-1", "rain-2", "colorshift-1", "colorshift-a"),
+}
+
+
+def summarize(path: Path) -> str:
+    """The tables of docs/dg_benchmark.md from re-scoring lines: Frozen's retention per domain (its mIoU
+    over its source mIoU, mean over seeds), then per row and target set the target mean by seed and its
+    standard deviation, beside the source and blur-family spreads."""
+    import statistics
+
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+    by_row: dict[str, dict[int, dict]] = {}
+    for r in records:
+        by_row.setdefault(r["row"], {})[r["seed"]] = r["miou"]
+    lines = []
+    if "frozen" in by_row:
+        frozen = list(by_row["frozen"].values())
+        source = statistics.mean(m["clean"] for m in frozen)
+        lines.append("frozen retention: " + ", ".join(f"{d} {statistics.mean(m[d] for m in frozen) / source:.2f}"
+                                                       for d in frozen[0] if d != "clean"))
+    sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else float("nan")  # noqa: E731
+    for row, seeds in by_row.items():
+        runs = [seeds[k] for k in sorted(seeds)]
+        source = [m["clean"] for m in runs]
+        blur = [(m["blur-1"] + m["blur-2"]) / 2 for m in runs]
+        parts = [f"{row} (seeds {','.join(map(str, sorted(seeds)))}): source sd {sd(source):.2f}, blur sd {sd(blur):.2f}"]
+        for name, targets in TARGET_SETS.items():
+            means = [statistics.mean(m[t] for t in targets) for m in runs]
+            parts.append(f"{name} {' / '.join(f'{x:.2f}' for x in means)} (sd {sd(means):.2f})")
+        lines.append("; ".join(parts))
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--summarize", type=Path, metavar="JSONL", help="print the tables of a finished screen")
+    parser.add_argument("--out", type=Path)
     parser.add_argument("--work", type=Path, default=Path("/tmp/dg_screen"), help="run folders (model files)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--budget", default="default")
@@ -48,6 +86,11 @@ def main(argv=None) -> int:
                         help="keep OUT to screen.log and one archive, screen.tgz (the device returns few files)")
     parser.add_argument("--extra", default="", help="more bench_dg.py arguments, e.g. '--train-images 7680'")
     args = parser.parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return 0
+    if args.out is None:
+        parser.error("--out is required (or --summarize)")
     start = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": f"{HERE.parent / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",

@@ -529,3 +529,13 @@ def test_rescoring_a_finished_run_on_its_own_images_reproduces_its_record(tmp_pa
     assert lines[-1].startswith("frozen: target mean by seed") and lines[-1].count(" / ") == 1
     with pytest.raises(SystemExit, match="not found"):
         bench_dg_rescore.rescore(tmp_path / "missing", 3)
+    # --domains: candidate shifts in place of the targets, with the same model; a domain the run was
+    # scored on gives its own score back, one it was not gets scored
+    first_target = TESTBED_WORLD.targets[0]
+    other = bench_dg_rescore.rescore(run, SMOKE_BUDGET.eval_images, [first_target, "night-a"])
+    assert list(other["miou"])[-2:] == [first_target, "night-a"] and len(other["miou"]) == 1 + len(TESTBED_WORLD.validation) + 2
+    assert other["miou"][first_target] == pytest.approx(same["miou"][first_target], abs=1e-4)
+    assert other["target_mean"] == pytest.approx((other["miou"][first_target] + other["miou"]["night-a"]) / 2)
+    with pytest.raises(SystemExit) as exc:
+        bench_dg_rescore.main([str(run), "--domains", "night-z"])
+    assert exc.value.code == 2 and "unknown synthetic domain(s) night-z" in capsys.readouterr().err
