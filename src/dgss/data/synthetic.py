@@ -94,6 +94,10 @@ SEVERITY_STYLES: dict[str, DomainStyle] = {
     "night-c": DomainStyle(grain=5.0, exposure=(0.30, 0.38), night=True),
     "colorshift-a": DomainStyle(exposure=(0.85, 1.1), colour_shift=True, hue_angle=(0.45 * np.pi, 0.65 * np.pi)),
     "colorshift-b": DomainStyle(exposure=(0.85, 1.1), colour_shift=True, hue_angle=(0.65 * np.pi, 0.85 * np.pi)),
+    # wide nights: each image's exposure drawn over a broad range, as a real night set mixes lit and unlit
+    # streets (docs/dg_benchmark.md, "Wide nights")
+    "night-w1": DomainStyle(grain=6.0, exposure=(0.15, 0.55), night=True),
+    "night-w2": DomainStyle(grain=8.0, exposure=(0.06, 0.30), night=True),
 }
 _ALL_STYLES: dict[str, DomainStyle] = {**DOMAIN_STYLES, **SEVERITY_STYLES}
 _STYLE_INDEX = {name: i for i, name in enumerate(DOMAINS)} | {name: 100 + i for i, name in enumerate(SEVERITY_STYLES)}
