@@ -134,6 +134,31 @@ def test_linear_head_is_one_affine_map_of_the_token_grid_features():
     assert model.predict(images).shape == (2, 4, 64, 64)
 
 
+def test_zero_started_linear_head_sends_no_gradient_to_the_backbone_at_step_zero():
+    """classifier_init zeros (ViT's fine-tuning head): the classifier starts at zero, so the features'
+    gradient is W^T (p - y) = 0 and a fully fine-tuned backbone's first update is nil, while the head's own
+    gradient is not; the random numbers drawn are the same as with the normal start."""
+    torch.manual_seed(0)
+    normal = build_segmentor(tiny_config("model.head.type=linear", "method.name=full"))
+    after_normal = torch.rand(1)
+    torch.manual_seed(0)
+    zeros = build_segmentor(tiny_config("model.head.type=linear", "method.name=full",
+                                        "model.head.classifier_init=zeros")).train()
+    assert torch.equal(torch.rand(1), after_normal)  # the same draws: the rest of a run is unchanged
+    assert not zeros.head.classifier.weight.any() and normal.head.classifier.weight.any()
+    images, labels = blocky_batch()
+    zeros.loss(images, labels)["loss"].backward()
+    assert zeros.head.classifier.weight.grad.abs().sum() > 0
+    backbone_grads = [p.grad for p in zeros.backbone.parameters() if p.requires_grad]
+    assert backbone_grads and all(g is None or not g.any() for g in backbone_grads)
+    normal.train().loss(images, labels)["loss"].backward()
+    assert any(p.grad is not None and p.grad.any() for p in normal.backbone.parameters())
+    with pytest.raises(ValueError, match="classifier_init 'zeros' is the linear head's option"):
+        build_segmentor(tiny_config("model.head.type=fpn", "model.head.classifier_init=zeros"))
+    with pytest.raises(Exception, match="classifier_init"):
+        build_segmentor(tiny_config("model.head.type=linear", "model.head.classifier_init=uniform"))
+
+
 @pytest.mark.parametrize("content", ["querys2feat", "learned"])
 def test_method_queries_reach_the_head_once_per_forward(content):
     backbone = build_backbone("dinov2_s", img_size=64, depth=4, embed_dim=32, num_heads=2)

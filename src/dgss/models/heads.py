@@ -97,8 +97,15 @@ class LinearHead(nn.Module):
         self.norm = nn.BatchNorm2d(total)
         self.classifier = nn.Conv2d(total, cfg.num_classes, 1)
         # DINO's linear probe (eval_linear.py): weights N(0, 0.01), bias 0. A small start matters when the
-        # head trains by SGD (train.head_optim): what the source does not constrain stays near it
+        # head trains by SGD (train.head_optim): what the source does not constrain stays near it.
+        # classifier_init "zeros": the head ViT (Dosovitskiy et al., 2021) and BiT attach for fine-tuning.
+        # Its features' gradient is zero at step 0, so the backbone's first updates follow a head the data
+        # made, not a random one (in the DG testbed a random start carried Full's out-of-domain spread over
+        # seeds: docs/dg_benchmark.md, "The head's start"). The N(0, 0.01) draw is made either way, so the
+        # rest of a run's random numbers do not depend on the choice.
         nn.init.normal_(self.classifier.weight, std=0.01)
+        if cfg.classifier_init == "zeros":
+            nn.init.zeros_(self.classifier.weight)
         nn.init.zeros_(self.classifier.bias)
 
     def forward(self, features: Sequence[torch.Tensor], queries: Optional[torch.Tensor] = None) -> dict:
@@ -144,4 +151,7 @@ def build_head(cfg: HeadConfig, in_channels: Sequence[int], *, external_queries:
         close = difflib.get_close_matches(cfg.type, HEADS, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ValueError(f"unknown model.head.type '{cfg.type}'{hint} (available: {', '.join(sorted(HEADS))})")
+    if cfg.classifier_init != "normal" and cfg.type != "linear":
+        raise ValueError(f"model.head.classifier_init '{cfg.classifier_init}' is the linear head's option; "
+                         f"model.head.type '{cfg.type}' starts its classifiers its own way (leave it 'normal')")
     return HEADS[cfg.type](list(in_channels), cfg, external_queries, query_content)
