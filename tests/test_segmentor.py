@@ -153,8 +153,10 @@ def test_zero_started_linear_head_sends_no_gradient_to_the_backbone_at_step_zero
     assert backbone_grads and all(g is None or not g.any() for g in backbone_grads)
     normal.train().loss(images, labels)["loss"].backward()
     assert any(p.grad is not None and p.grad.any() for p in normal.backbone.parameters())
-    with pytest.raises(ValueError, match="classifier_init 'zeros' is the linear head's option"):
-        build_segmentor(tiny_config("model.head.type=fpn", "model.head.classifier_init=zeros"))
+    fpn = build_segmentor(tiny_config("model.head.type=fpn", "model.head.classifier_init=zeros"))
+    assert not fpn.head.classifier.weight.any() and not fpn.head.classifier.bias.any()
+    with pytest.raises(ValueError, match="classifier_init 'zeros' is the per-pixel heads' option"):
+        build_segmentor(tiny_config("model.head.type=mask2former", "model.head.classifier_init=zeros"))
     with pytest.raises(Exception, match="classifier_init"):
         build_segmentor(tiny_config("model.head.type=linear", "model.head.classifier_init=uniform"))
 

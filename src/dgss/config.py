@@ -93,8 +93,9 @@ class HeadConfig:
     mask_weight: float = 5.0
     dice_weight: float = 5.0
     no_object_weight: float = 0.1
-    # the linear head's classifier start (type "linear" only): "normal" (DINO's linear probe, N(0, 0.01))
-    # or "zeros" (ViT's and BiT's fine-tuning head: a random head drives the first backbone updates)
+    # the per-pixel heads' classifier start (types "linear" and "fpn"): "normal" (the linear head: DINO's
+    # linear probe, N(0, 0.01); the FPN head: PyTorch's default) or "zeros" (ViT's and BiT's fine-tuning
+    # head: a random head drives the first backbone updates)
     classifier_init: Literal["normal", "zeros"] = "normal"
 
 

@@ -46,6 +46,9 @@ class FPNHead(nn.Module):
         self.lateral_convs = nn.ModuleList(nn.Conv2d(c, dim, 1) for c in in_channels)
         self.output_convs = nn.ModuleList(ConvGN(dim, dim, 3, bias=False, relu=True) for _ in in_channels)
         self.classifier = nn.Conv2d(dim, cfg.num_classes, 1)
+        if cfg.classifier_init == "zeros":  # drawn, then zeroed: the run's other random numbers stay
+            nn.init.zeros_(self.classifier.weight)
+            nn.init.zeros_(self.classifier.bias)
 
     def forward(self, features: Sequence[torch.Tensor], queries: Optional[torch.Tensor] = None) -> dict:
         """features: maps B x C_i x H_i x W_i, finest first -> {"logits": B x K x H_0 x W_0}."""
@@ -151,7 +154,8 @@ def build_head(cfg: HeadConfig, in_channels: Sequence[int], *, external_queries:
         close = difflib.get_close_matches(cfg.type, HEADS, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ValueError(f"unknown model.head.type '{cfg.type}'{hint} (available: {', '.join(sorted(HEADS))})")
-    if cfg.classifier_init != "normal" and cfg.type != "linear":
-        raise ValueError(f"model.head.classifier_init '{cfg.classifier_init}' is the linear head's option; "
-                         f"model.head.type '{cfg.type}' starts its classifiers its own way (leave it 'normal')")
+    if cfg.classifier_init != "normal" and cfg.type not in ("linear", "fpn"):
+        raise ValueError(f"model.head.classifier_init '{cfg.classifier_init}' is the per-pixel heads' option "
+                         f"(linear, fpn); model.head.type '{cfg.type}' starts its classifiers its own way "
+                         f"(leave it 'normal')")
     return HEADS[cfg.type](list(in_channels), cfg, external_queries, query_content)
