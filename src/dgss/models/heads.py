@@ -103,9 +103,10 @@ class LinearHead(nn.Module):
         # head trains by SGD (train.head_optim): what the source does not constrain stays near it.
         # classifier_init "zeros": the head ViT (Dosovitskiy et al., 2021) and BiT attach for fine-tuning.
         # Its features' gradient is zero at step 0, so the backbone's first updates follow a head the data
-        # made, not a random one (in the DG testbed a random start carried Full's out-of-domain spread over
-        # seeds: docs/dg_benchmark.md, "The head's start"). The N(0, 0.01) draw is made either way, so the
-        # rest of a run's random numbers do not depend on the choice.
+        # made, not a random one (in the DG testbed the random start carries part of Full's out-of-domain
+        # result by seed, yet a zero start did not narrow its spread: docs/dg_benchmark.md, "The head's
+        # start"). The N(0, 0.01) draw is made either way, so the rest of a run's random numbers do not
+        # depend on the choice.
         nn.init.normal_(self.classifier.weight, std=0.01)
         if cfg.classifier_init == "zeros":
             nn.init.zeros_(self.classifier.weight)
