@@ -9,7 +9,8 @@ Training sees the source only, so the targets a world is scored on can be screen
 with the same models: every (row, seed) of JOBS is ``bench_dg.py --budget default --methods ROW
 --seed-list SEED`` in its own process (several at once on one GPU), then ``bench_dg_rescore.py
 --domains`` on its final model. It writes OUT/<row>-seed<k>.json (the run's record, without model files)
-and OUT/<row>-seed<k>.rescore.jsonl as each finishes, and stops launching at the deadline, so a run cut
+and OUT/<row>-seed<k>.rescore.jsonl as each finishes (with ``--pack``, one archive OUT/screen.tgz of
+them all instead), and stops launching at the deadline, so a run cut
 by the device's time limit still returns what finished. It selects nothing: the rule that picks the
 severities reads Frozen alone (docs/dg_benchmark.md, "Targets off the floor").
 """
@@ -29,15 +30,13 @@ HERE = Path(__file__).resolve().parent
 # in priority order: the rule's Frozen seeds first, then the adapting rows whose spread decides P4
 JOBS = [("frozen", s) for s in (0, 1, 2)] + [(row, s) for s in (0, 1, 2) for row in ("full", "lp-ft", "fishertune")] \
     + [(row, s) for s in (3, 4) for row in ("full", "lp-ft", "fishertune", "frozen")] + [("rein", s) for s in (0, 1, 2)]
-DOMAINS = ("night-1", "night-2", "night-a", "night-b", "night-c", "fog-1", "fog-2", "rain-1", "rain-2",
-           "colorshift-1", "colorshift-2", "colorshift-a", "colorshift-b")
-
-
 # the world's targets at the screen, and the set the rule written before it chose (on Frozen alone)
 TARGET_SETS = {
     "world": ("night-1", "night-2", "fog-1", "fog-2", "rain-1", "rain-2", "colorshift-1", "colorshift-2"),
     "rule": ("night-a", "night-c", "fog-1", "fog-2", "rain-1", "rain-2", "colorshift-1", "colorshift-a"),
 }
+# every domain a final model is re-scored on: the world's targets, then the candidate severities
+DOMAINS = (*TARGET_SETS["world"], "night-a", "night-b", "night-c", "colorshift-a", "colorshift-b")
 
 
 def summarize(path: Path) -> str:
@@ -98,6 +97,7 @@ def main(argv=None) -> int:
     jobs = ([(row, int(seed)) for seed in args.seeds.split(",") for row in args.rows.split(",")] if args.rows
             else JOBS)
     pending, running, finished = list(jobs[:args.limit] if args.limit else jobs), {}, []
+    args.work.mkdir(parents=True, exist_ok=True)
     log = (args.out / "screen.log").open("a")
 
     def say(line):
@@ -118,7 +118,6 @@ def main(argv=None) -> int:
                        # record is written before it, so the re-scoring goes on whatever the report did
                        f"test -f {run_dir}/benchmark.json && {sys.executable} {HERE / 'bench_dg_rescore.py'} {run_dir} --images {args.images} "
                        f"--domains {','.join(DOMAINS)} > {work}.rescore.jsonl 2> {work}.rescore.err")
-            args.work.mkdir(parents=True, exist_ok=True)
             running[row, seed] = (subprocess.Popen(command, shell=True, env=env, start_new_session=True), run_dir, work)
             say(f"launched {row} seed {seed}")
         for key, (proc, run_dir, work) in list(running.items()):
@@ -127,17 +126,18 @@ def main(argv=None) -> int:
             del running[key]
             name = f"{key[0]}-seed{key[1]}"
             record = run_dir / "benchmark.json"
-            if record.is_file() and not args.pack:
-                shutil.copy(record, args.out / f"{name}.json")
-            for suffix in (".rescore.jsonl", ".train.log", ".rescore.err"):
-                path = Path(f"{work}{suffix}")
-                if not args.pack and path.is_file() and (suffix != ".train.log" or proc.returncode or not record.is_file()):
-                    shutil.copy(path, args.out / f"{name}{suffix}")
-            finished.append(name)
-            say(f"finished {name} rc {proc.returncode}")
             if args.pack:  # one archive of every record so far: a device may return only a few files
                 subprocess.run(f"cd {args.work} && tar czf {args.out / 'screen.tgz'} *.rescore.jsonl "
                                f"*/runs/*/seed*/benchmark.json", shell=True, check=False)
+            else:
+                if record.is_file():
+                    shutil.copy(record, args.out / f"{name}.json")
+                for suffix in (".rescore.jsonl", ".train.log", ".rescore.err"):  # the training log if it failed
+                    path = Path(f"{work}{suffix}")
+                    if path.is_file() and (suffix != ".train.log" or proc.returncode or not record.is_file()):
+                        shutil.copy(path, args.out / f"{name}{suffix}")
+            finished.append(name)
+            say(f"finished {name} rc {proc.returncode}")
         if time.time() - start > args.deadline:
             for key, (proc, _, _) in running.items():
                 os.killpg(proc.pid, 9)
