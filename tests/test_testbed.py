@@ -12,8 +12,8 @@ from dgss.data.image_io import DataError
 from dgss.data.synthetic import (SEVERITY_STYLES, TESTBED_CLASSES, TESTBED_OF_TRAIN_ID, SyntheticDataset,
                                  generate)
 from dgss.demo.dg_stats import GATING, preconditions, selection_bias, summarize
-from dgss.demo.pool import (HELD_OUT_FAMILIES, MIN_BRIGHTNESS, POOL_FAMILIES, POOL_SEED_OFFSET, pool_family,
-                            pool_image, pool_style)
+from dgss.demo.pool import (DARK_EXPOSURE, HELD_OUT_FAMILIES, MIN_BRIGHTNESS, POOL_FAMILIES, POOL_SEED_OFFSET,
+                            pool_family, pool_image, pool_style, pool_weights)
 from dgss.demo.benchmark import SMOKE_BUDGET
 from dgss.demo.run import demo_config
 from dgss.demo.ssl import SelfDistillation, SSLRecipe, encode_tokens, multi_crop, random_patch_masks
@@ -49,6 +49,38 @@ def test_the_pool_never_holds_night_and_its_scenes_are_no_benchmark_split():
     assert set(families) == set(POOL_FAMILIES) and families.count("clean") < 0.06 * len(families)
     assert np.array_equal(pool_image(3), pool_image(3)) and not np.array_equal(pool_image(3), pool_image(4))
     assert POOL_SEED_OFFSET > 20_000_000 + 10_000_000  # past the test split's seeds (20,000,000 + index)
+
+
+def test_pool_version_2_adds_dim_scenes_but_never_nights_look():
+    assert tuple(pool_weights(1)) == POOL_FAMILIES and pool_weights() == pool_weights(1)  # 1: the default
+    assert set(pool_weights(2)) == set(POOL_FAMILIES) | {"dark"} and not any(f.startswith("night") for f in pool_weights(2))
+    with pytest.raises(ValueError, match="unknown pool version 3"):
+        pool_family(0, 3)
+    rng = np.random.default_rng(1)
+    for _ in range(30):  # the dark family: dim, but never night (no blue ambient light, no lamps, no lit windows)
+        style = pool_style(rng, "dark")
+        assert not style.night and DARK_EXPOSURE[0] <= style.exposure[0] <= DARK_EXPOSURE[1]
+    families = [pool_family(i, 2) for i in range(400)]
+    dark = [i for i, f in enumerate(families) if f == "dark"][:6]
+    other = [i for i, f in enumerate(families) if f != "dark"][:30]
+    assert 0.06 * 400 < families.count("dark") < 0.16 * 400
+    # dark images go below the floor (the point of version 2); the other families keep it
+    assert min(pool_image(i, version=2).mean() for i in dark) < MIN_BRIGHTNESS
+    assert min(pool_image(i, version=2).mean() for i in other) >= MIN_BRIGHTNESS - 1
+    # version 1 is the default and unchanged by version 2's family: the family draw is the same as before
+    assert [pool_family(i) for i in range(200)] == [pool_family(i, 1) for i in range(200)]
+    assert np.array_equal(pool_image(other[0]), pool_image(other[0], version=1))
+
+
+def test_the_recipe_records_a_pool_version_only_when_it_is_not_the_first():
+    from dgss.demo.foundation_ssl import _recipe, ssl_pretrain_command
+
+    assert "pool_version" not in _recipe({})[0] and "pool_version" not in _recipe({"pool_version": 1})[0]
+    assert _recipe({"pool_version": 2})[0]["pool_version"] == 2
+    with pytest.raises(ValueError, match="unknown pool version 7"):
+        _recipe({"pool_version": 7})
+    assert ssl_pretrain_command() == "dgss demo --pretrain-ssl src/dgss/assets/testbed_foundation_vit.safetensors"
+    assert ssl_pretrain_command(pool_version=2, device="cuda").endswith("--pool-version 2 --device cuda")
 
 
 def test_ssl_augmentations_never_dim_below_three_quarters():
@@ -128,10 +160,10 @@ def test_teacher_is_the_exponential_moving_average_of_the_student():
 # ---------------------------------------------------------------- the foundation file
 
 
-def _pretrain(tmp_path, name, iters, **kwargs):
+def _pretrain(tmp_path, name, iters, overrides_extra=None, **kwargs):
     from dgss.demo import foundation_ssl
 
-    overrides = dict(batch_size=2, warmup_iters=1, threads=1, ssl=TINY_SSL)
+    overrides = dict(batch_size=2, warmup_iters=1, threads=1, ssl=TINY_SSL, **(overrides_extra or {}))
     return foundation_ssl.pretrain_ssl_foundation(tmp_path / name, iters=iters, progress=False, overrides=overrides,
                                                   monitor_every=10_000, log=lambda line: None, **kwargs)
 
@@ -160,10 +192,10 @@ def test_pretraining_writes_a_label_free_manifest_and_resumes_bit_exactly(tmp_pa
     ckpt = tmp_path / "run.ckpt"
     original = foundation_ssl._batch
 
-    def failing(it, batch_size):
+    def failing(it, batch_size, pool_version=1):
         if it == 3:
             raise KeyboardInterrupt  # killed during iteration 3
-        return original(it, batch_size)
+        return original(it, batch_size, pool_version)
 
     foundation_ssl._batch = failing
     try:
@@ -176,6 +208,13 @@ def test_pretraining_writes_a_label_free_manifest_and_resumes_bit_exactly(tmp_pa
     a, b = load_file(straight), load_file(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not ckpt.exists()  # a finished run removes its checkpoint
+
+    # version 2 of the pool: recorded in the manifest and the command; its images differ, so does the file
+    v2 = _pretrain(tmp_path, "v2.safetensors", 1, overrides_extra={"pool_version": 2})
+    manifest = json.loads(v2.with_suffix(".json").read_text())
+    assert manifest["pool"]["version"] == 2 and "dark" in manifest["pool"]["families"]
+    assert manifest["recipe"]["pool_version"] == 2 and "--pool-version 2" in manifest["command"]
+    assert json.loads(straight.with_suffix(".json").read_text())["pool"]["version"] == 1
 
 
 # ---------------------------------------------------------------- the world

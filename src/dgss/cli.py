@@ -256,6 +256,9 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
                         "self-distillation on the unlabeled pool, no labels) as the shipped file was made, write OUT and its manifest "
                         "(OUT with .json); resumable from OUT.ckpt")
     parser.add_argument("--device", default="cpu", help="with --pretrain-ssl: cpu (default) or cuda")
+    parser.add_argument("--pool-version", type=int, metavar="N",
+                        help="with --pretrain-ssl: the unlabeled pool's version (dgss.demo.pool: 1, the "
+                        "default, or 2, which adds dim scenes without night's look)")
     parser.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
 
 
@@ -267,6 +270,12 @@ def _pretrain_ssl(args: argparse.Namespace) -> int:
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
         raise UsageError(f"--device must be cpu or cuda, got {args.device}")
     overrides = {"threads": args.threads} if args.threads else {}
+    if args.pool_version is not None:
+        from .demo.pool import POOL_VERSIONS
+
+        if args.pool_version not in POOL_VERSIONS:
+            raise UsageError(f"--pool-version must be one of {', '.join(map(str, POOL_VERSIONS))}, got {args.pool_version}")
+        overrides["pool_version"] = args.pool_version
     iters = args.iters or PRETRAIN_SSL["iters"]
     print(f"pretraining the testbed's label-free foundation ViT: {iters} iterations of "
           f"{PRETRAIN_SSL['batch_size']} unlabeled pool images on {args.device} (checkpoint: {out}.ckpt)", flush=True)
@@ -285,6 +294,8 @@ def _demo_run(args: argparse.Namespace) -> int:
 
     if args.pretrain_ssl:
         return _pretrain_ssl(args)
+    if args.pool_version is not None:
+        raise UsageError("--pool-version chooses the pool of --pretrain-ssl; give it with --pretrain-ssl OUT")
     if args.pretrain_foundation:
         import torch
 

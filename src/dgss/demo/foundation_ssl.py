@@ -32,7 +32,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .pool import HELD_OUT_FAMILIES, POOL_SEED_OFFSET, POOL_SIZE, POOL_WEIGHTS, pool_image
+from .pool import HELD_OUT_FAMILIES, POOL_SEED_OFFSET, POOL_SIZE, pool_image, pool_weights
 from .ssl import SelfDistillation, SSLRecipe, multi_crop, random_patch_masks
 
 __all__ = ["SSL_FOUNDATION", "PRETRAIN_SSL", "SSL_FOUNDATION_FILE", "SSL_MANIFEST_FILE", "MONITOR_DOMAINS",
@@ -63,8 +63,10 @@ _MONITOR_SEED = 95_000_000  # monitor scenes: disjoint from the pool and every b
 
 
 def ssl_pretrain_command(out: str | os.PathLike = "src/dgss/assets/testbed_foundation_vit.safetensors",
-                         device: str = "cpu") -> str:
-    return f"dgss demo --pretrain-ssl {out}" + (f" --device {device}" if device != "cpu" else "")
+                         device: str = "cpu", pool_version: int = 1) -> str:
+    # version 1 is the command's implicit pool (the files made before versions existed name none)
+    return (f"dgss demo --pretrain-ssl {out}" + (f" --pool-version {pool_version}" if pool_version != 1 else "")
+            + (f" --device {device}" if device != "cpu" else ""))
 
 
 def build_ssl_backbone(weights: Optional[str] = None):
@@ -76,6 +78,12 @@ def build_ssl_backbone(weights: Optional[str] = None):
 
 def _recipe(overrides: dict) -> tuple[dict, SSLRecipe]:
     recipe = {**PRETRAIN_SSL, **{k: v for k, v in overrides.items() if k != "ssl"}}
+    # the pool's version 1 is the recipe's implicit one: recorded only when another is chosen, so the
+    # files made before versions existed keep their bytes (the recipe is in the file's metadata)
+    if recipe.get("pool_version", 1) == 1:
+        recipe.pop("pool_version", None)
+    else:
+        pool_weights(recipe["pool_version"])  # a clear error for an unknown version
     ssl = {**PRETRAIN_SSL["ssl"], **overrides.get("ssl", {})}
     recipe["ssl"] = ssl
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in ssl.items()}
@@ -94,9 +102,9 @@ def _schedule(it: int, recipe: dict) -> tuple[float, float]:
     return lr, momentum
 
 
-def _batch(it: int, batch_size: int) -> torch.Tensor:
+def _batch(it: int, batch_size: int, pool_version: int = 1) -> torch.Tensor:
     """Pool images of iteration ``it``: B x 3 x H x W uint8 (each pool image is used once)."""
-    images = [pool_image(it * batch_size + j, POOL_SIZE) for j in range(batch_size)]
+    images = [pool_image(it * batch_size + j, POOL_SIZE, pool_version) for j in range(batch_size)]
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -188,6 +196,8 @@ def pretrain_ssl_foundation(out: str | os.PathLike, *, iters: Optional[int] = No
     from ..fileio import atomic_write, file_sha256, save_safetensors
 
     recipe, ssl = _recipe(dict(overrides or {}, **({"iters": int(iters)} if iters is not None else {})))
+    pool_version = int(recipe.get("pool_version", 1))
+    command = ssl_pretrain_command(device=device, pool_version=pool_version)
     if device == "cpu":
         torch.set_num_threads(int(recipe["threads"]))
     torch.manual_seed(recipe["seed"])
@@ -220,7 +230,7 @@ def pretrain_ssl_foundation(out: str | os.PathLike, *, iters: Optional[int] = No
         for group in optimizer.param_groups:
             group["lr"] = lr
         generator = torch.Generator().manual_seed(recipe["seed"] * 1_000_003 + it)
-        global_views, local_views = multi_crop(_batch(it, recipe["batch_size"]), ssl, generator)
+        global_views, local_views = multi_crop(_batch(it, recipe["batch_size"], pool_version), ssl, generator)
         masks = random_patch_masks(global_views.shape[0], grid, ssl, generator)
         objective.freeze_last_layer(it < ssl.freeze_last_layer_iters)
         loss, logs = objective(global_views.to(device), None if local_views is None else local_views.to(device),
@@ -248,7 +258,7 @@ def pretrain_ssl_foundation(out: str | os.PathLike, *, iters: Optional[int] = No
     vit = objective.student["vit"]
     state = {k: v.detach().cpu().contiguous() for k, v in vit.state_dict().items()}
     # the canonical command (the shipped path), not ``out``: the file's bytes must not depend on where it was written
-    meta = {"command": ssl_pretrain_command(device=device), "architecture": json.dumps(SSL_FOUNDATION),
+    meta = {"command": command, "architecture": json.dumps(SSL_FOUNDATION),
             "recipe": json.dumps(recipe), "objective": ssl.objective, "labels_used": "false"}
     path = save_safetensors(state, out, metadata=meta)
     digest = file_sha256(path)
@@ -256,10 +266,11 @@ def pretrain_ssl_foundation(out: str | os.PathLike, *, iters: Optional[int] = No
             "objective_description": "DINO self-distillation on the class token + iBOT masked-patch distillation"
             if ssl.objective == "dino_ibot" else "DINO self-distillation on the class token",
             "labels_used": False, "architecture": SSL_FOUNDATION, "recipe": recipe,
-            "pool": {"families": POOL_WEIGHTS, "held_out_families": list(HELD_OUT_FAMILIES),
+            "pool": {"version": pool_version, "families": pool_weights(pool_version),
+                     "held_out_families": list(HELD_OUT_FAMILIES),
                      "scene_seeds_from": POOL_SEED_OFFSET, "images_seen": recipe["iters"] * recipe["batch_size"],
                      "image_size": list(POOL_SIZE)},
-            "command": ssl_pretrain_command(device=device), "device": device,
+            "command": command, "device": device,
             "torch": torch.__version__, "threads": torch.get_num_threads() if device == "cpu" else None,
             "seconds_this_session": round(time.time() - started, 1), "monitor": history,
             "monitor_note": "patch k-NN mIoU (%) on a labelled monitor set (source look, a pool look, the "

@@ -2,6 +2,7 @@
 
     image = pool_image(index)                        # H x W x 3 uint8, deterministic in index
     family = pool_family(index)                      # which appearance family rendered it
+    image = pool_image(index, version=2)             # the pool of version 2 (dim exposures added)
 
 DINOv2 learned from LVD-142M: a broad, curated, unlabeled stream in which the domains a segmenter is
 later asked about are a small and uneven part. This pool plays that role for the testbed
@@ -24,6 +25,19 @@ What the pool never holds, by construction and by test:
 
 The source style of the benchmark, ``clean`` (flat colours, no texture, no noise), is rare: 3% of the
 pool (``POOL_WEIGHTS``), as synthetic game frames are a sliver of a web-scale pool.
+
+Versions (``POOL_VERSIONS``; the pretraining recipe's ``pool_version`` picks one, and each stays
+remakeable bit for bit):
+
+* **1**: the families above; nothing is darker than ``MIN_EXPOSURE`` and ``MIN_BRIGHTNESS``.
+* **2**: version 1 plus the ``dark`` family (``DARK_EXPOSURE``: exposure 0.08-0.45, 12% of the pool
+  before renormalising): dim, noisy scenes under neutral or warm light, with no floor on their
+  brightness. Night's *look* stays held out: no dark image is tinted blue (the ambient light of the
+  night family: blue 1.7 x red), and no lamp, lit window or car light is drawn in any image, at any
+  exposure. A web-scale pool such as DINOv2's holds many underexposed photographs, so a foundation
+  that has never seen a dim image is less faithful than one that has. Version 1's foundation scored
+  3-6 mIoU frozen on night-1, whatever the head (docs/dg_benchmark.md, "A pool with dim scenes").
+  Every image of version 2 differs from version 1's (the family draw is renormalised).
 """
 
 from __future__ import annotations
@@ -37,7 +51,8 @@ import torch.nn.functional as F
 from ..data.scene_layout import STREET, WIDE_ANGLE, LayoutStats, build_scene
 from ..data.synthetic import DomainStyle, _render
 
-__all__ = ["POOL_FAMILIES", "POOL_WEIGHTS", "HELD_OUT_FAMILIES", "POOL_SEED_OFFSET", "MIN_EXPOSURE", "MIN_BRIGHTNESS", "POOL_SIZE",
+__all__ = ["POOL_FAMILIES", "POOL_WEIGHTS", "POOL_VERSIONS", "DEFAULT_POOL_VERSION", "HELD_OUT_FAMILIES",
+           "POOL_SEED_OFFSET", "MIN_EXPOSURE", "MIN_BRIGHTNESS", "DARK_EXPOSURE", "POOL_SIZE", "pool_weights",
            "pool_family", "pool_image", "pool_style"]
 
 POOL_SEED_OFFSET = 90_000_000  # scene seeds of the pool: disjoint from every benchmark split and the old pool
@@ -59,15 +74,28 @@ POOL_WEIGHTS: dict[str, float] = {
     "colour": 0.10,  # colour responses: hue rotations, channel gains, gamma (the colour-shift kind)
     "geometry": 0.10,  # other layout statistics under a randomised look
 }
-POOL_FAMILIES: tuple[str, ...] = tuple(POOL_WEIGHTS)
+POOL_FAMILIES: tuple[str, ...] = tuple(POOL_WEIGHTS)  # version 1's
 HELD_OUT_FAMILIES: tuple[str, ...] = ("night",)
-_CUMULATIVE = np.cumsum([POOL_WEIGHTS[f] for f in POOL_FAMILIES])
+POOL_VERSIONS = (1, 2)
+DEFAULT_POOL_VERSION = 1
+DARK_EXPOSURE = (0.08, 0.45)  # version 2's dark family: the night targets' exposures (0.10-0.30) and around
+_WEIGHTS = {1: POOL_WEIGHTS, 2: {**POOL_WEIGHTS, "dark": 0.12}}
 
 
-def pool_family(index: int) -> str:
-    """The family of pool image ``index`` (drawn with ``POOL_WEIGHTS``; deterministic in ``index``)."""
-    u = np.random.default_rng([POOL_SEED_OFFSET + index, 7]).random() * _CUMULATIVE[-1]
-    return POOL_FAMILIES[int(np.searchsorted(_CUMULATIVE, u, side="right"))]
+def pool_weights(version: int = DEFAULT_POOL_VERSION) -> dict[str, float]:
+    """family -> share (not normalised) of the pool of ``version``."""
+    if version not in _WEIGHTS:
+        raise ValueError(f"unknown pool version {version!r} (available: {', '.join(map(str, POOL_VERSIONS))})")
+    return _WEIGHTS[version]
+
+
+def pool_family(index: int, version: int = DEFAULT_POOL_VERSION) -> str:
+    """The family of pool image ``index`` (drawn with ``pool_weights(version)``; deterministic)."""
+    weights = pool_weights(version)
+    families = tuple(weights)
+    cumulative = np.cumsum([weights[f] for f in families])
+    u = np.random.default_rng([POOL_SEED_OFFSET + index, 7]).random() * cumulative[-1]
+    return families[int(np.searchsorted(cumulative, u, side="right"))]
 
 
 def _layout(rng: np.random.Generator, family: str) -> LayoutStats:
@@ -80,8 +108,9 @@ def _layout(rng: np.random.Generator, family: str) -> LayoutStats:
 
 
 def pool_style(rng: np.random.Generator, family: str) -> DomainStyle:
-    """The rendering style of one pool image of ``family`` (never night: ``night`` is always False and
-    exposure never below ``MIN_EXPOSURE``)."""
+    """The rendering style of one pool image of ``family`` (never night: ``night`` is always False, so
+    no lamp, lit window or blue ambient light is drawn; exposure never below ``MIN_EXPOSURE`` but in
+    version 2's ``dark`` family)."""
     if family == "clean":
         return DomainStyle(texture=0.0, windows=False, grain=0.0, exposure=(0.97, 1.03))
     texture = rng.uniform(0.3, 1.5)
@@ -103,6 +132,9 @@ def pool_style(rng: np.random.Generator, family: str) -> DomainStyle:
         style = dataclasses.replace(style, grain=rng.uniform(4.0, 16.0))
     elif family == "colour":
         style = dataclasses.replace(style, colour_shift=True)
+    elif family == "dark":  # dim light, a noisier sensor; night=False: no lamps, no lit windows, no blue
+        low = rng.uniform(*DARK_EXPOSURE)
+        style = dataclasses.replace(style, exposure=(low, low + 0.05), grain=rng.uniform(2.0, 10.0))
     return style
 
 
@@ -111,6 +143,8 @@ def _post(image: np.ndarray, rng: np.random.Generator, family: str) -> np.ndarra
     x = image.astype(np.float32)
     if family == "lighting":  # a coloured illuminant (warm, cold, green); never the dark blue of night
         x *= rng.uniform(0.8, 1.2, 3).astype(np.float32)
+    if family == "dark":  # neutral to warm (tungsten, sodium): blue never above red, as night's 1.7 x is
+        x *= np.float32([1.0, rng.uniform(0.85, 1.0), rng.uniform(0.6, 1.0)])
     if family == "sensor":
         if rng.random() < 0.7:  # defocus or motion blur by a separable box of 2-5 px
             k = int(rng.integers(2, 6))
@@ -124,14 +158,14 @@ def _post(image: np.ndarray, rng: np.random.Generator, family: str) -> np.ndarra
         x = (x - x.mean()) * contrast + x.mean()
     x = np.clip(x, 0, 255)
     mean = float(x.mean())
-    if mean < MIN_BRIGHTNESS:  # never as dark as night (a dark palette or rain at low exposure)
+    if mean < MIN_BRIGHTNESS and family != "dark":  # else never dark (a dark palette or rain at low exposure)
         x = np.clip(x * (MIN_BRIGHTNESS / max(mean, 1.0)), 0, 255)
     return x.astype(np.uint8)
 
 
-def pool_image(index: int, size=POOL_SIZE) -> np.ndarray:
-    """Pool image ``index``: H x W x 3 uint8, deterministic in (``index``, ``size``); no label."""
-    family = pool_family(index)
+def pool_image(index: int, size=POOL_SIZE, version: int = DEFAULT_POOL_VERSION) -> np.ndarray:
+    """Pool image ``index``: H x W x 3 uint8, deterministic in (``index``, ``size``, ``version``); no label."""
+    family = pool_family(index, version)
     seed = POOL_SEED_OFFSET + index
     rng = np.random.default_rng([seed, 11])
     scene = build_scene(np.random.default_rng([seed, 0, 0]), (int(size[0]), int(size[1])), _layout(rng, family))
