@@ -79,7 +79,9 @@ def test_the_recipe_records_a_pool_version_only_when_it_is_not_the_first():
     assert _recipe({"pool_version": 2})[0]["pool_version"] == 2
     with pytest.raises(ValueError, match="unknown pool version 7"):
         _recipe({"pool_version": 7})
-    assert ssl_pretrain_command() == "dgss demo --pretrain-ssl src/dgss/assets/testbed_foundation_vit.safetensors"
+    # version 1's command names no version (its file's metadata holds the command: its bytes stay)
+    assert ssl_pretrain_command(pool_version=1) == "dgss demo --pretrain-ssl src/dgss/assets/testbed_foundation_vit.safetensors"
+    assert ssl_pretrain_command() == ssl_pretrain_command(pool_version=2)  # the shipped file's pool
     assert ssl_pretrain_command(pool_version=2, device="cuda").endswith("--pool-version 2 --device cuda")
 
 
@@ -215,6 +217,26 @@ def test_pretraining_writes_a_label_free_manifest_and_resumes_bit_exactly(tmp_pa
     assert manifest["pool"]["version"] == 2 and "dark" in manifest["pool"]["families"]
     assert manifest["recipe"]["pool_version"] == 2 and "--pool-version 2" in manifest["command"]
     assert json.loads(straight.with_suffix(".json").read_text())["pool"]["version"] == 1
+
+
+def test_the_shipped_label_free_foundation_matches_its_manifest_and_recipe():
+    from safetensors import safe_open
+
+    from dgss.demo.foundation_ssl import (PRETRAIN_SSL, SHIPPED_POOL_VERSION, SSL_FOUNDATION, SSL_FOUNDATION_FILE,
+                                          SSL_MANIFEST_FILE, ssl_pretrain_command)
+
+    manifest = json.loads(SSL_MANIFEST_FILE.read_text())
+    assert manifest["sha256"] == file_sha256(SSL_FOUNDATION_FILE) and manifest["labels_used"] is False
+    assert manifest["pool"]["version"] == SHIPPED_POOL_VERSION and manifest["command"] == ssl_pretrain_command()
+    assert manifest["pool"]["families"] == pool_weights(SHIPPED_POOL_VERSION)
+    assert manifest["pool"]["held_out_families"] == list(HELD_OUT_FAMILIES)
+    assert not any(f.startswith(h) for f in manifest["pool"]["families"] for h in HELD_OUT_FAMILIES)
+    # the file was made by today's recipe (PRETRAIN_SSL and the shipped pool), as its metadata says
+    with safe_open(str(SSL_FOUNDATION_FILE), "pt") as f:
+        meta = f.metadata()
+    assert meta["labels_used"] == "false" and json.loads(meta["architecture"]) == SSL_FOUNDATION
+    assert json.loads(meta["recipe"]) == json.loads(json.dumps({**PRETRAIN_SSL, "pool_version": SHIPPED_POOL_VERSION}))
+    assert SSL_FOUNDATION_FILE.stat().st_size < 15 * 2 ** 20
 
 
 # ---------------------------------------------------------------- the world

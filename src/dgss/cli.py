@@ -257,8 +257,8 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
                         "(OUT with .json); resumable from OUT.ckpt")
     parser.add_argument("--device", default="cpu", help="with --pretrain-ssl: cpu (default) or cuda")
     parser.add_argument("--pool-version", type=int, metavar="N",
-                        help="with --pretrain-ssl: the unlabeled pool's version (dgss.demo.pool: 1, the "
-                        "default, or 2, which adds dim scenes without night's look)")
+                        help="with --pretrain-ssl: the unlabeled pool's version (dgss.demo.pool: 2, the shipped "
+                        "file's and the default, adds dim scenes without night's look to 1)")
     parser.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
 
 
@@ -269,16 +269,18 @@ def _pretrain_ssl(args: argparse.Namespace) -> int:
     _check_output(out.parent, "folder of --pretrain-ssl")
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
         raise UsageError(f"--device must be cpu or cuda, got {args.device}")
-    overrides = {"threads": args.threads} if args.threads else {}
-    if args.pool_version is not None:
-        from .demo.pool import POOL_VERSIONS
+    from .demo.foundation_ssl import SHIPPED_POOL_VERSION
+    from .demo.pool import POOL_VERSIONS
 
-        if args.pool_version not in POOL_VERSIONS:
-            raise UsageError(f"--pool-version must be one of {', '.join(map(str, POOL_VERSIONS))}, got {args.pool_version}")
-        overrides["pool_version"] = args.pool_version
+    overrides = {"threads": args.threads} if args.threads else {}
+    pool_version = SHIPPED_POOL_VERSION if args.pool_version is None else args.pool_version
+    if pool_version not in POOL_VERSIONS:
+        raise UsageError(f"--pool-version must be one of {', '.join(map(str, POOL_VERSIONS))}, got {pool_version}")
+    overrides["pool_version"] = pool_version
     iters = args.iters or PRETRAIN_SSL["iters"]
     print(f"pretraining the testbed's label-free foundation ViT: {iters} iterations of "
-          f"{PRETRAIN_SSL['batch_size']} unlabeled pool images on {args.device} (checkpoint: {out}.ckpt)", flush=True)
+          f"{PRETRAIN_SSL['batch_size']} unlabeled pool images (pool version {pool_version}) on {args.device} "
+          f"(checkpoint: {out}.ckpt)", flush=True)
     path = pretrain_ssl_foundation(out, iters=args.iters, device=args.device, checkpoint=f"{out}.ckpt",
                                    progress=not args.no_progress, overrides=overrides)
     print(f"foundation ViT written to {path}, manifest {path.with_suffix('.json')}")
