@@ -77,8 +77,8 @@ def test_pool_version_2_adds_dim_scenes_but_never_nights_look():
 def test_the_recipe_records_a_pool_version_only_when_it_is_not_the_first():
     from dgss.demo.foundation_ssl import _recipe, ssl_pretrain_command
 
-    assert "pool_version" not in _recipe({})[0] and "pool_version" not in _recipe({"pool_version": 1})[0]
-    assert _recipe({"pool_version": 2})[0]["pool_version"] == 2
+    assert "pool_version" not in _recipe({"pool_version": 1})[0]
+    assert _recipe({"pool_version": 2})[0]["pool_version"] == 2 == _recipe({})[0]["pool_version"]  # the shipped one
     with pytest.raises(ValueError, match="unknown pool version 7"):
         _recipe({"pool_version": 7})
     # version 1's command names no version (its file's metadata holds the command: its bytes stay)
@@ -213,19 +213,20 @@ def test_pretraining_writes_a_label_free_manifest_and_resumes_bit_exactly(tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not ckpt.exists()  # a finished run removes its checkpoint
 
-    # version 2 of the pool: recorded in the manifest and the command; its images differ, so does the file
-    v2 = _pretrain(tmp_path, "v2.safetensors", 1, overrides_extra={"pool_version": 2})
-    manifest = json.loads(v2.with_suffix(".json").read_text())
-    assert manifest["pool"]["version"] == 2 and "dark" in manifest["pool"]["families"]
+    # the pool's version is recorded in the manifest and the command; version 1 is named by neither
+    assert manifest["pool"]["version"] == 2 and "dark" in manifest["pool"]["families"]  # the shipped pool
     assert manifest["recipe"]["pool_version"] == 2 and "--pool-version 2" in manifest["command"]
-    assert json.loads(straight.with_suffix(".json").read_text())["pool"]["version"] == 1
+    v1 = _pretrain(tmp_path, "v1.safetensors", 1, overrides_extra={"pool_version": 1})
+    manifest = json.loads(v1.with_suffix(".json").read_text())
+    assert manifest["pool"]["version"] == 1 and "dark" not in manifest["pool"]["families"]
+    assert "pool_version" not in manifest["recipe"] and "--pool-version" not in manifest["command"]
 
 
 def test_the_shipped_label_free_foundation_matches_its_manifest_and_recipe():
     from safetensors import safe_open
 
-    from dgss.demo.foundation_ssl import (PRETRAIN_SSL, SHIPPED_POOL_VERSION, SSL_FOUNDATION, SSL_FOUNDATION_FILE,
-                                          SSL_MANIFEST_FILE, ssl_pretrain_command)
+    from dgss.demo.foundation_ssl import (SHIPPED_POOL_VERSION, SSL_FOUNDATION, SSL_FOUNDATION_FILE, SSL_MANIFEST_FILE,
+                                          _recipe, ssl_pretrain_command)
 
     manifest = json.loads(SSL_MANIFEST_FILE.read_text())
     assert manifest["sha256"] == file_sha256(SSL_FOUNDATION_FILE) and manifest["labels_used"] is False
@@ -237,7 +238,8 @@ def test_the_shipped_label_free_foundation_matches_its_manifest_and_recipe():
     with safe_open(str(SSL_FOUNDATION_FILE), "pt") as f:
         meta = f.metadata()
     assert meta["labels_used"] == "false" and json.loads(meta["architecture"]) == SSL_FOUNDATION
-    assert json.loads(meta["recipe"]) == json.loads(json.dumps({**PRETRAIN_SSL, "pool_version": SHIPPED_POOL_VERSION}))
+    assert json.loads(meta["recipe"])["pool_version"] == SHIPPED_POOL_VERSION
+    assert meta["recipe"] == json.dumps(_recipe({})[0])  # the same text, so the same bytes when remade
     assert SSL_FOUNDATION_FILE.stat().st_size < 15 * 2 ** 20
 
 

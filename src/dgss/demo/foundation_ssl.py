@@ -88,10 +88,10 @@ def build_ssl_backbone(weights: Optional[str] = None):
 
 
 def _recipe(overrides: dict) -> tuple[dict, SSLRecipe]:
-    recipe = {**PRETRAIN_SSL, **{k: v for k, v in overrides.items() if k != "ssl"}}
+    recipe = {**PRETRAIN_SSL, "pool_version": SHIPPED_POOL_VERSION, **{k: v for k, v in overrides.items() if k != "ssl"}}
     # the pool's version 1 is the recipe's implicit one: recorded only when another is chosen, so the
     # files made before versions existed keep their bytes (the recipe is in the file's metadata)
-    if recipe.get("pool_version", 1) == 1:
+    if recipe["pool_version"] == 1:
         recipe.pop("pool_version", None)
     else:
         pool_weights(recipe["pool_version"])  # a clear error for an unknown version
@@ -198,8 +198,8 @@ def pretrain_ssl_foundation(out: str | os.PathLike, *, iters: Optional[int] = No
                             checkpoint: Optional[str | os.PathLike] = None, checkpoint_every: int = 100,
                             monitor_every: int = 500, progress: bool = True, overrides: Optional[dict] = None,
                             manifest: Optional[str | os.PathLike] = None, log=print, log_every: int = 0) -> Path:
-    """Pretrain the label-free foundation ViT (``PRETRAIN_SSL`` updated by ``overrides``; ``iters``
-    overrides the length) and write its backbone to ``out`` (safetensors, timm layout) and the manifest
+    """Pretrain the label-free foundation ViT (``PRETRAIN_SSL`` on the pool of ``SHIPPED_POOL_VERSION``,
+    updated by ``overrides``, e.g. ``{"pool_version": 1}``; ``iters`` overrides the length) and write its backbone to ``out`` (safetensors, timm layout) and the manifest
     beside it (``manifest``, default ``out`` with ``.json``). ``checkpoint``: a file written every
     ``checkpoint_every`` iterations and resumed from when it exists (bit-exact)."""
     from tqdm import tqdm
