@@ -410,3 +410,27 @@ def test_an_image_unreadable_mid_run_stops_in_one_line_naming_it(tmp_path, monke
     assert len(lines) == 1 and "Traceback" not in err and "worker" not in err, err
     assert lines[0].startswith(f"dgss train: error: cannot read image {image}: ")
     assert multiprocessing.active_children() == []  # the worker was shut down (it ignores SIGTERM)
+
+
+def test_the_same_tensors_and_metadata_make_the_same_bytes(tmp_path):
+    import json
+    import struct
+
+    from safetensors import safe_open
+
+    from dgss.fileio import save_safetensors
+
+    tensors = {f"block{i}.weight": torch.full((3, 2), float(i)) for i in range(6)}
+    keys = [f"key{i}" for i in range(12)]  # enough keys that a hash-map order differs from insertion order
+    forward = {k: f"value of {k}" for k in keys}
+    backward = {k: forward[k] for k in reversed(keys)}
+    a = save_safetensors(tensors, tmp_path / "a.safetensors", metadata=forward)
+    b = save_safetensors(dict(reversed(list(tensors.items()))), tmp_path / "b.safetensors", metadata=backward)
+    assert a.read_bytes() == b.read_bytes()
+    raw = a.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])  # the canonical order
+    with safe_open(str(a), "pt") as f:  # still a valid file, read by safetensors itself
+        assert f.metadata()["key3"] == "value of key3"
+        assert torch.equal(f.get_tensor("block4.weight"), tensors["block4.weight"])

@@ -3,6 +3,7 @@ folders and input files checked before the expensive work starts.
 
     atomic_write(path, lambda tmp: torch.save(obj, tmp))     # configs, model files, checkpoints, lists
     save_safetensors(tensors, path, metadata={...})          # safetensors files, the same way, with a checksum
+                                                             # and one header order (same content, same bytes)
     tensors, metadata = load_safetensors(path)               # checksum verified: flipped bits are refused
     check_output_dir(run_dir, "run folder")                  # before building a model: one clear line
     check_input_file(weights, "model.weights")               # exists and is readable
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 __all__ = ["UnusablePathError", "DamagedFileError", "current_umask", "atomic_write", "save_safetensors",
+           "canonicalize_safetensors_header",
            "load_safetensors", "safetensors_checksum", "CHECKSUM_KEY", "is_out_of_space", "remove_stale_temp_files",
            "describe_load_error", "check_output_dir", "check_input_file"]
 
@@ -130,7 +132,37 @@ def save_safetensors(tensors: dict, path: PathLike, *, metadata: Optional[dict[s
 
     metadata = dict(metadata or {})
     metadata[CHECKSUM_KEY] = safetensors_checksum(tensors, metadata)
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    def write(tmp):
+        save_file(tensors, tmp, metadata=metadata)
+        canonicalize_safetensors_header(tmp)
+
+    return atomic_write(path, write)
+
+
+def canonicalize_safetensors_header(path: PathLike) -> None:
+    """Rewrite a safetensors file's header in one order: metadata keys sorted, tensors by data offset.
+
+    safetensors' writer puts the metadata keys in hash-map order, which changes from one process to the
+    next. Two saves of the same tensors and metadata then differ in their bytes, and a file remade by its
+    recipe would not be the same file. The header is rewritten in place with the same length (the same
+    keys and values, padded with spaces as safetensors pads it), so the tensor data does not move.
+    """
+    import struct
+
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        ordered = {}
+        if "__metadata__" in header:
+            ordered["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
+        for name in sorted(header, key=lambda name: (header[name]["data_offsets"][0], name)):
+            ordered[name] = header[name]
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > length:  # never expected (same keys and values); leave the file as written
+            return
+        f.seek(8)
+        f.write(text + b" " * (length - len(text)))
 
 
 def load_safetensors(path: PathLike, *, device: str = "cpu") -> tuple[dict, dict[str, str]]:
