@@ -80,6 +80,8 @@ POOL_VERSIONS = (1, 2)
 DEFAULT_POOL_VERSION = 1
 DARK_EXPOSURE = (0.08, 0.45)  # version 2's dark family: the night targets' exposures (0.10-0.30) and around
 _WEIGHTS = {1: POOL_WEIGHTS, 2: {**POOL_WEIGHTS, "dark": 0.12}}
+# per version: its families and their cumulative weights, the table pool_family draws from
+_DRAW = {v: (tuple(w), np.cumsum(list(w.values()))) for v, w in _WEIGHTS.items()}
 
 
 def pool_weights(version: int = DEFAULT_POOL_VERSION) -> dict[str, float]:
@@ -91,9 +93,8 @@ def pool_weights(version: int = DEFAULT_POOL_VERSION) -> dict[str, float]:
 
 def pool_family(index: int, version: int = DEFAULT_POOL_VERSION) -> str:
     """The family of pool image ``index`` (drawn with ``pool_weights(version)``; deterministic)."""
-    weights = pool_weights(version)
-    families = tuple(weights)
-    cumulative = np.cumsum([weights[f] for f in families])
+    pool_weights(version)  # a clear error for an unknown version
+    families, cumulative = _DRAW[version]
     u = np.random.default_rng([POOL_SEED_OFFSET + index, 7]).random() * cumulative[-1]
     return families[int(np.searchsorted(cumulative, u, side="right"))]
 
