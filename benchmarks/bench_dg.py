@@ -8,7 +8,7 @@
     python benchmarks/bench_dg.py --device cuda            # the GPU budget (more iterations, images)
     python benchmarks/bench_dg.py --smoke                  # test-sized: a few iterations, tiny sets
 
-The testbed (``--world testbed``, the default; :mod:`dgss.demo.world`): the label-free foundation ViT
+The testbed (``--world testbed``, the default; :mod:`dgss.testbed.world`): the label-free foundation ViT
 (patch 8) fine-tuned on 'clean', evaluated on its val split, the blur validation family and four
 target families at two severities. Each (row, seed) is trained by the engine and evaluated at several
 iterations (the learning curve); ``--jobs`` runs train in parallel processes (default 2 on a CPU with 2
@@ -28,10 +28,10 @@ import os
 import sys
 import time
 
-from dgss.demo.benchmark import BUDGETS, ROWS, SKIPPED_ROWS, TESTBED_BUDGETS, clock, run_seeded, seeds_of
-from dgss.demo.dg_report import machine_info, write_report
-from dgss.demo.dg_stats import CORE_ROWS, REQUIRED_ROWS, summarize
-from dgss.demo.world import WORLDS
+from dgss.testbed.benchmark import BUDGETS, ROWS, SKIPPED_ROWS, TESTBED_BUDGETS, clock, run_seeded, seeds_of
+from dgss.testbed.report import machine_info, write_report
+from dgss.testbed.stats import CORE_ROWS, REQUIRED_ROWS, summarize
+from dgss.testbed.world import WORLDS
 
 # the old demo world's rows (issue 16)
 DEMO_ROWS = ("frozen", "full", "rein", "fishertune", "lora", "vpt", "soma", "ft-random", "ft-fim", "ft-domain",
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         if not Path(args.foundation).is_file():
             print(f"bench_dg.py: error: --foundation: file not found: {args.foundation}", file=sys.stderr)
             return 2
-    from dgss.demo.run import pick_threads
+    from dgss.testbed.experiment import pick_threads
 
     threads = pick_threads(args.threads)
     jobs = args.jobs if args.jobs is not None else (min(2, os.cpu_count() or 1) if args.device == "cpu" else 1)

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import argparse
 
-from dgss.demo import benchmark
-from dgss.demo.benchmark import DemoBudget
-from dgss.demo.world import TESTBED_WORLD
+from dgss.testbed import benchmark
+from dgss.testbed.benchmark import DemoBudget
+from dgss.testbed.world import TESTBED_WORLD
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out")
-    parser.add_argument("rows", help="comma-separated rows of dgss.demo.benchmark.ROWS")
+    parser.add_argument("rows", help="comma-separated rows of dgss.testbed.benchmark.ROWS")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.head.type=fpn")
     parser.add_argument("--scale", type=int, default=1, help="K x 960 iterations (default 1)")
     scenes = parser.add_mutually_exclusive_group()

@@ -29,7 +29,7 @@ def rescore(run: Path, images: int, domains: Optional[list[str]] = None) -> dict
     split, its validation family and its targets (or, given ``domains``, these synthetic domains instead
     of its targets: candidate shifts scored with the same models)."""
     from dgss.config import load_config
-    from dgss.demo.run import evaluate_model_file
+    from dgss.testbed.experiment import evaluate_model_file
 
     config, weights = run / "config.yaml", run / "model_final.safetensors"
     for path in (config, weights):

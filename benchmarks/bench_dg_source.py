@@ -56,7 +56,7 @@ def evaluate(run: Path, images: int) -> dict:
         if not path.is_file():
             raise SystemExit(f"bench_dg_source.py: error: {path} not found (a finished benchmark run folder)")
     cfg = load_config(config)
-    source = cfg.data.val[0]  # the source val split comes first (dgss.demo.run.demo_config)
+    source = cfg.data.val[0]  # the source val split comes first (dgss.testbed.experiment.demo_config)
     source.options["num_images"] = images
     dataset = build_dataset(source, cfg.data, train=False)
     model = build_segmentor(cfg)

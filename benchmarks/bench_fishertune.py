@@ -35,8 +35,8 @@ from dgss.tuning.fishertune.selection import random_scores
 def demo_model(num_batches: int):
     """The demo's FisherTune experiment: model, a trainer-like source stream, and the head warmed up."""
     from dgss.data.loader import build_train_loader
-    from dgss.demo.foundation import foundation_weights
-    from dgss.demo.run import FULL_BUDGET, demo_config
+    from dgss.testbed.supervised_foundation import foundation_weights
+    from dgss.testbed.experiment import FULL_BUDGET, demo_config
 
     cfg = demo_config("fishertune", budget=FULL_BUDGET, out_dir="/tmp/bench_fishertune",
                       weights=str(foundation_weights(progress=False)))

@@ -11,9 +11,9 @@ import pytest
 import dgss.engine.trainer as trainer_module
 from dgss.cli import main as dgss_main
 from dgss.demo import SOURCE, TARGETS, run_demo
-from dgss.demo.benchmark import RESULT_FILE, ROWS, SMOKE_BUDGET, TESTBED_BUDGETS, run_seeded
-from dgss.demo.dg_stats import CLAIMS, mean_std, paired_difference, summarize, t_interval, verdict
-from dgss.demo.run import curve_iterations, demo_config
+from dgss.testbed.benchmark import RESULT_FILE, ROWS, SMOKE_BUDGET, TESTBED_BUDGETS, run_seeded
+from dgss.testbed.stats import CLAIMS, mean_std, paired_difference, summarize, t_interval, verdict
+from dgss.testbed.experiment import curve_iterations, demo_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_dg  # noqa: E402
@@ -232,7 +232,7 @@ def test_runs_in_parallel_processes_give_the_same_numbers(tmp_path):
 
 WORKERS_SCRIPT = """
 import concurrent.futures, multiprocessing, sys, time
-from dgss.demo.benchmark import _workers_die_with_this_process
+from dgss.testbed.benchmark import _workers_die_with_this_process
 
 def nap(_):
     time.sleep(120)
@@ -298,7 +298,7 @@ def test_source_diagnostic_merges_the_vehicle_classes_by_summing_their_confusion
 def test_source_probe_adds_overrides_and_evaluates_no_target(tmp_path, capsys, monkeypatch):
     import bench_dg_probe
 
-    monkeypatch.setattr("dgss.demo.benchmark.ROWS", dict(ROWS))  # the probe rewrites its rows' overrides
+    monkeypatch.setattr("dgss.testbed.benchmark.ROWS", dict(ROWS))  # the probe rewrites its rows' overrides
 
     bench_dg_probe.main([str(tmp_path), "frozen", "model.head.type=fpn", "--smoke"])
     record = json.loads((tmp_path / "runs/frozen/seed0" / RESULT_FILE).read_text())
@@ -315,8 +315,8 @@ def test_resume_accepts_a_run_made_before_an_option_existed_or_from_another_chec
     import shutil
 
     from dgss.config import to_dict
-    from dgss.demo.benchmark import _finished_record
-    from dgss.demo.world import TESTBED_WORLD, resolve_weights
+    from dgss.testbed.benchmark import _finished_record
+    from dgss.testbed.world import TESTBED_WORLD, resolve_weights
     from dgss.fileio import file_sha256
 
     weights = resolve_weights("ssl-foundation")
@@ -348,7 +348,7 @@ def test_resume_accepts_a_run_made_before_an_option_existed_or_from_another_chec
 
 
 def test_a_worlds_method_overrides_reach_only_that_methods_rows(tmp_path):
-    from dgss.demo.world import TESTBED_WORLD
+    from dgss.testbed.world import TESTBED_WORLD
 
     def config(method, *overrides):
         return demo_config(method, budget=SMOKE_BUDGET, out_dir=tmp_path, weights="ssl-foundation",
@@ -375,8 +375,8 @@ def test_the_label_rows_run_the_label_pretrained_file_at_the_testbeds_token_grid
     from safetensors.torch import load_file
     from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
-    from dgss.demo.foundation import FOUNDATION_FILE
-    from dgss.demo.world import TESTBED_WORLD
+    from dgss.testbed.supervised_foundation import FOUNDATION_FILE
+    from dgss.testbed.world import TESTBED_WORLD
     from dgss.tuning.model import build_segmentor
 
     for row in ("frozen-label", "fishertune-label"):

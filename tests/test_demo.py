@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from dgss.cli import main
 from dgss.demo import FOUNDATION_FILE, METHODS, QUICK_BUDGET, SOURCE, TARGETS, pretrain_command, run_demo
-from dgss.demo.foundation import FOUNDATION, PRETRAIN, build_foundation_backbone, pretrain_foundation
+from dgss.testbed.supervised_foundation import FOUNDATION, PRETRAIN, build_foundation_backbone, pretrain_foundation
 
 
 def test_quick_demo_writes_the_table_chart_overlays_and_fisher_plots(tmp_path, capsys):

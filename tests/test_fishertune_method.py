@@ -205,8 +205,8 @@ def test_on_the_demo_vit_the_drfim_differs_from_both_of_its_terms():
     """fishertune.md §3.2 on a small pretrained model (the demo's foundation ViT, its FisherTune
     experiment with a short head warm-up): the default DR-FIM set is neither the FIM-only nor the
     Delta-F-only set (Jaccard < 0.9 with each), and overlaps each far more than a random set does."""
-    from dgss.demo.foundation import FOUNDATION_FILE
-    from dgss.demo.run import QUICK_BUDGET, demo_config
+    from dgss.testbed.supervised_foundation import FOUNDATION_FILE
+    from dgss.testbed.experiment import QUICK_BUDGET, demo_config
     from dgss.tuning.fishertune.report import _HeadWarmupTrainer, selection_report
     from dgss.data.loader import build_train_loader
 

@@ -11,13 +11,13 @@ from scipy import ndimage
 from dgss.data.image_io import DataError
 from dgss.data.synthetic import (SEVERITY_STYLES, TESTBED_CLASSES, TESTBED_OF_TRAIN_ID, SyntheticDataset,
                                  generate)
-from dgss.demo.dg_stats import GATING, preconditions, selection_bias, summarize
-from dgss.demo.pool import (DARK_EXPOSURE, HELD_OUT_FAMILIES, MIN_BRIGHTNESS, POOL_FAMILIES, POOL_SEED_OFFSET,
+from dgss.testbed.stats import GATING, preconditions, selection_bias, summarize
+from dgss.testbed.pool import (DARK_EXPOSURE, HELD_OUT_FAMILIES, MIN_BRIGHTNESS, POOL_FAMILIES, POOL_SEED_OFFSET,
                             pool_family, pool_image, pool_style, pool_weights)
-from dgss.demo.benchmark import SMOKE_BUDGET
-from dgss.demo.run import demo_config
-from dgss.demo.ssl import SelfDistillation, SSLRecipe, encode_tokens, multi_crop, random_patch_masks
-from dgss.demo.world import TESTBED_WORLD, foundation_architecture
+from dgss.testbed.benchmark import SMOKE_BUDGET
+from dgss.testbed.experiment import demo_config
+from dgss.testbed.ssl import SelfDistillation, SSLRecipe, encode_tokens, multi_crop, random_patch_masks
+from dgss.testbed.world import TESTBED_WORLD, foundation_architecture
 from dgss.fileio import file_sha256
 
 TINY = dict(backbone="dinov2_s", img_size=32, patch_size=8, backbone_kwargs=dict(depth=2, embed_dim=32, num_heads=2))
@@ -75,7 +75,7 @@ def test_pool_version_2_adds_dim_scenes_but_never_nights_look():
 
 
 def test_the_recipe_records_a_pool_version_only_when_it_is_not_the_first():
-    from dgss.demo.foundation_ssl import _recipe, ssl_pretrain_command
+    from dgss.testbed.ssl_foundation import _recipe, ssl_pretrain_command
 
     assert "pool_version" not in _recipe({"pool_version": 1})[0]
     assert _recipe({"pool_version": 2})[0]["pool_version"] == 2 == _recipe({})[0]["pool_version"]  # the shipped one
@@ -165,7 +165,7 @@ def test_teacher_is_the_exponential_moving_average_of_the_student():
 
 
 def _pretrain(tmp_path, name, iters, overrides_extra=None, **kwargs):
-    from dgss.demo import foundation_ssl
+    from dgss.testbed import ssl_foundation as foundation_ssl
 
     overrides = dict(batch_size=2, warmup_iters=1, threads=1, ssl=TINY_SSL, **(overrides_extra or {}))
     return foundation_ssl.pretrain_ssl_foundation(tmp_path / name, iters=iters, progress=False, overrides=overrides,
@@ -174,7 +174,7 @@ def _pretrain(tmp_path, name, iters, overrides_extra=None, **kwargs):
 
 @pytest.fixture
 def tiny_ssl_architecture(monkeypatch):
-    from dgss.demo import foundation_ssl
+    from dgss.testbed import ssl_foundation as foundation_ssl
 
     monkeypatch.setattr(foundation_ssl, "SSL_FOUNDATION", TINY)
     monkeypatch.setattr(foundation_ssl, "dense_knn_probe", lambda vit, **kw: {"clean": 0.0})
@@ -183,7 +183,7 @@ def tiny_ssl_architecture(monkeypatch):
 def test_pretraining_writes_a_label_free_manifest_and_resumes_bit_exactly(tmp_path, tiny_ssl_architecture):
     from safetensors.torch import load_file
 
-    from dgss.demo import foundation_ssl
+    from dgss.testbed import ssl_foundation as foundation_ssl
 
     straight = _pretrain(tmp_path, "straight.safetensors", 4)
     manifest = json.loads(straight.with_suffix(".json").read_text())
@@ -225,7 +225,7 @@ def test_pretraining_writes_a_label_free_manifest_and_resumes_bit_exactly(tmp_pa
 def test_the_shipped_label_free_foundation_matches_its_manifest_and_recipe():
     from safetensors import safe_open
 
-    from dgss.demo.foundation_ssl import (SHIPPED_POOL_VERSION, SSL_FOUNDATION, SSL_FOUNDATION_FILE, SSL_MANIFEST_FILE,
+    from dgss.testbed.ssl_foundation import (SHIPPED_POOL_VERSION, SSL_FOUNDATION, SSL_FOUNDATION_FILE, SSL_MANIFEST_FILE,
                                           _recipe, ssl_pretrain_command)
 
     manifest = json.loads(SSL_MANIFEST_FILE.read_text())
@@ -430,7 +430,7 @@ def tiny_testbed_foundation(tmp_path):
 def test_lp_ft_and_wise_ft_through_the_engine(tmp_path, tiny_testbed_foundation):
     from safetensors.torch import load_file
 
-    from dgss.demo.benchmark import SMOKE_BUDGET, TESTBED_BUDGETS, run_seeded
+    from dgss.testbed.benchmark import SMOKE_BUDGET, TESTBED_BUDGETS, run_seeded
 
     records = run_seeded(["lp-ft", "wise-ft", "soma-public"], [0], SMOKE_BUDGET, tmp_path / "bench", curve_points=1,
                          weights=tiny_testbed_foundation, world=TESTBED_WORLD, log=lambda line: None)
@@ -478,7 +478,7 @@ def test_batch_norm_statistics_are_the_plain_average_over_the_source_batches(tmp
     from torch import nn
 
     from dgss.data import build_train_loader
-    from dgss.demo.benchmark import SMOKE_BUDGET, recalibrate_batch_norm
+    from dgss.testbed.benchmark import SMOKE_BUDGET, recalibrate_batch_norm
 
     cfg = demo_config("frozen", budget=SMOKE_BUDGET, out_dir=tmp_path, world=TESTBED_WORLD, weights="ssl-foundation")
     model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.Dropout(0.9))
@@ -501,8 +501,8 @@ def test_the_testbed_evaluates_with_precise_batch_norm_and_trains_an_sgd_probe(t
     to the file's weights (the oracle: the plain average over the batches, as above), `dgss eval` too."""
     from dgss.cli import main as dgss_main
     from dgss.config import save_config
-    from dgss.demo.benchmark import SMOKE_BUDGET, TESTBED_BUDGETS
-    from dgss.demo.run import evaluate_model_file
+    from dgss.testbed.benchmark import SMOKE_BUDGET, TESTBED_BUDGETS
+    from dgss.testbed.experiment import evaluate_model_file
     from dgss.engine.checkpoint import save_model
     from dgss.engine.precise_bn import recalibrate_batch_norm
     from dgss.tuning.model import build_segmentor
@@ -538,7 +538,7 @@ def test_the_testbed_evaluates_with_precise_batch_norm_and_trains_an_sgd_probe(t
 
 
 def test_frozen_trained_twice_as_long_runs_one_seed_as_p1_reads_one():
-    from dgss.demo.benchmark import ITERS_SCALE, seeds_of
+    from dgss.testbed.benchmark import ITERS_SCALE, seeds_of
 
     assert ITERS_SCALE["frozen-2x"] == 2
     assert seeds_of("frozen-2x", [0, 1, 2]) == [0] and seeds_of("frozen-2x", [4, 5]) == [4]
@@ -549,8 +549,8 @@ def test_a_runs_curve_scores_each_checkpoint_as_its_weight_ema(tmp_path, tiny_te
     """With train.ema the final model holds the average, so every curve point must too: a checkpoint's
     model file holds the raw weights and its state file the average, which run_method puts into the model
     (before PreciseBN) when it scores the checkpoint."""
-    from dgss.demo.benchmark import SMOKE_BUDGET
-    from dgss.demo.run import evaluate_model_file, run_method
+    from dgss.testbed.benchmark import SMOKE_BUDGET
+    from dgss.testbed.experiment import evaluate_model_file, run_method
     from dgss.engine.checkpoint import checkpoint_paths, load_training_state
 
     cfg = demo_config("frozen", budget=SMOKE_BUDGET, out_dir=tmp_path, world=TESTBED_WORLD,
@@ -575,7 +575,7 @@ def test_rescoring_a_finished_run_on_its_own_images_reproduces_its_record(tmp_pa
     the record's final scores (the same model, PreciseBN and images); on more it scores more images."""
     from pathlib import Path
 
-    from dgss.demo.benchmark import SMOKE_BUDGET, run_seeded
+    from dgss.testbed.benchmark import SMOKE_BUDGET, run_seeded
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import bench_dg_rescore

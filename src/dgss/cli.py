@@ -257,20 +257,20 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
                         "(OUT with .json); resumable from OUT.ckpt")
     parser.add_argument("--device", default="cpu", help="with --pretrain-ssl: cpu (default) or cuda")
     parser.add_argument("--pool-version", type=int, metavar="N",
-                        help="with --pretrain-ssl: the unlabeled pool's version (dgss.demo.pool: 2, the shipped "
+                        help="with --pretrain-ssl: the unlabeled pool's version (dgss.testbed.pool: 2, the shipped "
                         "file's and the default, adds dim scenes without night's look to 1)")
     parser.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
 
 
 def _pretrain_ssl(args: argparse.Namespace) -> int:
-    from .demo.foundation_ssl import PRETRAIN_SSL, pretrain_ssl_foundation
+    from .testbed.ssl_foundation import PRETRAIN_SSL, pretrain_ssl_foundation
 
     out = Path(args.pretrain_ssl)
     _check_output(out.parent, "folder of --pretrain-ssl")
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
         raise UsageError(f"--device must be cpu or cuda, got {args.device}")
-    from .demo.foundation_ssl import SHIPPED_POOL_VERSION
-    from .demo.pool import POOL_VERSIONS
+    from .testbed.ssl_foundation import SHIPPED_POOL_VERSION
+    from .testbed.pool import POOL_VERSIONS
 
     overrides = {"threads": args.threads} if args.threads else {}
     pool_version = SHIPPED_POOL_VERSION if args.pool_version is None else args.pool_version
@@ -302,7 +302,7 @@ def _demo_run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads or 1)
-        from .demo.foundation import PRETRAIN
+        from .testbed.supervised_foundation import PRETRAIN
 
         _check_output(Path(args.pretrain_foundation).parent, "folder of --pretrain-foundation")
         print(f"pretraining the demo's foundation ViT: {args.iters or PRETRAIN['iters']} iterations "

@@ -469,7 +469,7 @@ class EvalConfig:
     crop_size: list[int] = field(default_factory=lambda: [512, 512])  # (h, w); 1024 recipe: 1024
     stride: list[int] = field(default_factory=lambda: [341, 341])  # (h, w); 1024 recipe: 683
     batch_windows: int = 8  # sliding windows per forward pass
-    # > 0: before a model file is evaluated (`dgss eval`, dgss.demo's runs and the DG benchmark), every
+    # > 0: before a model file is evaluated (`dgss eval`, the demo's runs and the DG testbed), every
     # BatchNorm's running statistics are estimated again as the plain average over this many training
     # batches of the config (PreciseBN, dgss.engine.precise_bn); 0: the statistics training kept.
     # Validation during training (train.eval_interval) does not apply it

@@ -73,7 +73,7 @@ DOMAIN_STYLES: dict[str, DomainStyle] = {
 }
 DOMAINS: tuple[str, ...] = tuple(DOMAIN_STYLES)
 
-# The DG testbed's graded shifts (dgss.demo.testbed): each target family at two severities, and the
+# The DG testbed's graded shifts (dgss.testbed): each target family at two severities, and the
 # validation family ("blur") that alone may choose settings. Kept apart from DOMAINS, whose seven
 # looks the old label-pretrained foundation's recipe enumerates.
 SEVERITY_STYLES: dict[str, DomainStyle] = {
@@ -308,7 +308,7 @@ def write_cityscapes_layout(root: str | Path, domain: str = "textured", n: int =
 
 _SPLIT_OFFSETS = {"train": 0, "all": 0, "val": 10_000_000, "test": 20_000_000}
 
-# The DG testbed's classes (dgss.demo.testbed): the 19 train ids merged to the 12 that are at least one
+# The DG testbed's classes (dgss.testbed): the 19 train ids merged to the 12 that are at least one
 # 8-pixel token thick at the median (the thickest part of a class in an image, median over images, at
 # 128 x 256, in the testbed's scenes: objects="visible"; measured in docs/dg_benchmark.md). wall and fence
 # join building (Cityscapes' "construction"), rider joins person; pole, traffic light, motorcycle and

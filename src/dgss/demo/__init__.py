@@ -3,17 +3,17 @@
     rows = run_demo("demo_output", seeds=DEMO_SEEDS, jobs=2)   # `dgss demo`: under 10 minutes on 2 CPU cores
     rows = run_demo("demo_output", quick=True)                  # about 1 minute
 
-1. The "foundation" ViT (:mod:`dgss.demo.foundation`): a small DINOv2-shaped model that dgss pretrained
+1. The "foundation" ViT (:mod:`dgss.testbed.supervised_foundation`): a small DINOv2-shaped model that dgss pretrained
    on every synthetic domain (on scenes no demo split uses), shipped in ``dgss/assets`` with the
    command that made it; the stand-in for DINOv2.
 2. It is fine-tuned on one source domain ("clean") with Frozen, Full, Rein and FisherTune, the same
-   experiment for each (:mod:`dgss.demo.run`): the real segmentor, Mask2Former head, augmentation,
+   experiment for each (:mod:`dgss.testbed.experiment`): the real segmentor, Mask2Former head, augmentation,
    training engine and checkpoint files; only the sizes are small.
 3. Each model is evaluated on the source val split and on five target domains it was never
    fine-tuned on (textured, night, fog, rain, colour shift), and the demo writes the table, a bar
    chart, prediction overlays and FisherTune's selection plots (:mod:`dgss.demo.outputs`).
 
-The runs are the seeded benchmark's (:func:`dgss.demo.benchmark.run_seeded`, ``benchmarks/bench_dg.py``):
+The runs are the seeded benchmark's (:func:`dgss.testbed.benchmark.run_seeded`, ``benchmarks/bench_dg.py``):
 one code path, with the demo's methods, budget and seeds.
 
 The numbers are a synthetic sanity check of the code paths and of the story, not the papers'
@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .foundation import FOUNDATION_FILE, foundation_weights, pretrain_command, pretrain_foundation
+from ..testbed.supervised_foundation import FOUNDATION_FILE, foundation_weights, pretrain_command, pretrain_foundation
 from .outputs import format_table, plot_miou, summary_rows, write_overlays, write_table
-from .run import (DEMO_SEEDS, FULL_BUDGET, METHODS, QUICK_BUDGET, SOURCE, TARGETS, DemoBudget, demo_config,
+from ..testbed.experiment import (DEMO_SEEDS, FULL_BUDGET, METHODS, QUICK_BUDGET, SOURCE, TARGETS, DemoBudget, demo_config,
                   pick_threads)
 
 __all__ = ["run_demo", "demo_config", "SOURCE", "TARGETS", "METHODS", "DemoBudget", "FULL_BUDGET", "QUICK_BUDGET",
@@ -76,8 +76,8 @@ def run_demo(out_dir: str | Path = "demo_output", quick: bool = False, methods: 
     """
     import functools
 
-    from .benchmark import clock, run_seeded
-    from .dg_stats import summarize
+    from ..testbed.benchmark import clock, run_seeded
+    from ..testbed.stats import summarize
 
     start = time.time()
     seeds = list(seeds)

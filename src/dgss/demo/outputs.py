@@ -35,7 +35,7 @@ def table_rows(results, source: str, targets: Sequence[str]) -> list[dict]:
 
 
 def summary_rows(summary: dict) -> list[dict]:
-    """:func:`table_rows` from the seeded benchmark's summary (:func:`dgss.demo.dg_stats.summarize`):
+    """:func:`table_rows` from the seeded benchmark's summary (:func:`dgss.testbed.stats.summarize`):
     the mean over seeds, and with several seeds also "seeds" and "sd" (the sample std of each column)."""
     source, targets = summary["source"], summary["targets"]
     keys = {"source": source, **{t: t for t in targets}, "mean": "target"}

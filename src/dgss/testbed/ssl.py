@@ -20,7 +20,7 @@ defaults follow what the literature reports to help there: few prototypes (512),
 monitors of :func:`collapse_monitors` (the teacher's entropy per sample and of its batch-mean
 distribution, and the effective rank of the patch features) logged throughout.
 
-No augmentation darkens an image below :data:`dgss.demo.pool.MIN_EXPOSURE`: the brightness jitter's
+No augmentation darkens an image below :data:`dgss.testbed.pool.MIN_EXPOSURE`: the brightness jitter's
 lower bound is ``brightness[0]`` (0.75) and solarisation, which DINO uses and which turns bright
 surfaces dark, is left out, so the held-out night family cannot appear in any view.
 """

@@ -1,4 +1,4 @@
-"""The synthetic worlds an experiment of :mod:`dgss.demo` runs in: the demo's and the DG testbed's.
+"""The synthetic worlds an experiment of :mod:`dgss.testbed` runs in: the demo's and the DG testbed's.
 
     world = WORLDS["testbed"]
     cfg = demo_config("frozen", budget=..., out_dir=..., weights=None, world=world)
@@ -9,13 +9,13 @@ architecture and file, and the head. Both worlds render the same procedural stre
 (:mod:`dgss.data.synthetic`); they differ in what the papers' setting needs (docs/dg_benchmark.md):
 
 * ``demo`` (``dgss demo``): the 19 Cityscapes classes at 128 x 256 with patch 16 (an 8 x 8 token grid on
-  a 128 crop), five targets, the label-pretrained foundation (:mod:`dgss.demo.foundation`).
+  a 128 crop), five targets, the label-pretrained foundation (:mod:`dgss.testbed.supervised_foundation`).
 * ``testbed`` (``benchmarks/bench_dg.py``): 12 classes, each at least one token thick at the median,
   in scenes whose objects are drawn "visible" (trucks, buses and trains told apart by shape and livery,
   traffic signs a token wide; the pool's and the demo's are "plain"), patch 8 (16 x 16 tokens on a
   128 crop), four target families at two severities each (night, which the foundation never saw, fog,
   rain, colour shift), a blur validation family, the label-free foundation
-  (:mod:`dgss.demo.foundation_ssl`), and a linear head, the one head whose frozen row converges within
+  (:mod:`dgss.testbed.ssl_foundation`), and a linear head, the one head whose frozen row converges within
   a CPU budget (precondition P1).
 """
 
@@ -67,7 +67,7 @@ class World:
 
 
 def _demo_world() -> World:
-    from .foundation import FOUNDATION
+    from .supervised_foundation import FOUNDATION
 
     return World(name="demo", source="clean", targets=("textured", "night", "fog", "rain", "colorshift"),
                  validation=(), label_set="cityscapes", num_classes=19, foundation=FOUNDATION,
@@ -75,7 +75,7 @@ def _demo_world() -> World:
 
 
 def _testbed_world() -> World:
-    from .foundation_ssl import SSL_FOUNDATION
+    from .ssl_foundation import SSL_FOUNDATION
 
     # The head: a linear classifier of the token features (dgss.models.heads.LinearHead), trained at lr 1e-2
     # after 50 warm-up iterations. A Mask2Former head (the papers') does not converge within a CPU budget:
@@ -83,7 +83,7 @@ def _testbed_world() -> World:
     # light FPN head 65.3 -> 70.0 (lr 3e-3) and 66.8 -> 70.7 (lr 1e-2), so precondition P1 fails with
     # either. The linear head: 37.2 -> 38.7 at lr 1e-2 (3e-3: 35.9 -> 38.3; 3e-2: 35.8). Chosen on the
     # source only (seed 0, 64 clean images; docs/dg_benchmark.md, "A head that converges").
-    # num_queries is not the head's (it takes none): it sets Rein's token count (dgss.demo.run), as before.
+    # num_queries is not the head's (it takes none): it sets Rein's token count (dgss.testbed.experiment), as before.
     # The classifier keeps DINO's N(0, 0.01) start. A zero start (model.head.classifier_init: zeros, ViT's
     # fine-tuning head) was tried after a crossing showed the random start carries Full's target result by
     # seed; under it Full spread more (sd 1.49 against 1.18) and the probe rows did not move, so the stream
@@ -131,8 +131,8 @@ WORLDS = {"demo": DEMO_WORLD, "testbed": TESTBED_WORLD}
 
 
 def _alias_paths() -> dict[str, Path]:
-    from .foundation import FOUNDATION_FILE
-    from .foundation_ssl import SSL_FOUNDATION_FILE
+    from .supervised_foundation import FOUNDATION_FILE
+    from .ssl_foundation import SSL_FOUNDATION_FILE
 
     return {"label-foundation": FOUNDATION_FILE, "ssl-foundation": SSL_FOUNDATION_FILE}
 

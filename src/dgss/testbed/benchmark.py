@@ -1,12 +1,12 @@
 """The seeded domain-generalization benchmark: the demo's experiment for many methods and seeds.
 
     records = run_seeded(["frozen", "rein"], seeds=[0, 1, 2], budget=DEFAULT_BUDGET, out_dir="bench_dg")
-    summary = summarize(records, SOURCE, TARGETS)          # dgss.demo.dg_stats
-    write_report(records, summary, "bench_dg", meta)       # dgss.demo.dg_report
+    summary = summarize(records, SOURCE, TARGETS)          # dgss.testbed.stats
+    write_report(records, summary, "bench_dg", meta)       # dgss.testbed.report
 
-Each (row, seed) is :func:`dgss.demo.run.demo_config` with the row's method and overrides and that
-seed, trained by the engine and evaluated at :func:`dgss.demo.run.curve_iterations` (source val split
-and every target) by :func:`dgss.demo.run.run_method`, the code path of ``dgss demo``. A finished run
+Each (row, seed) is :func:`dgss.testbed.experiment.demo_config` with the row's method and overrides and that
+seed, trained by the engine and evaluated at :func:`dgss.testbed.experiment.curve_iterations` (source val split
+and every target) by :func:`dgss.testbed.experiment.run_method`, the code path of ``dgss demo``. A finished run
 leaves ``OUT/runs/<row>/seed<k>/benchmark.json`` (written atomically) with its resolved config; a later
 call with the same config and foundation file reads it instead of training again.
 """
@@ -29,7 +29,7 @@ from ..config import ExperimentConfig, config_differences, to_dict
 from ..engine.precise_bn import recalibrate_batch_norm
 from ..fileio import file_sha256
 from ..tuning import METHODS as TUNING_METHODS
-from .run import DemoBudget, demo_config, pick_threads, run_method
+from .experiment import DemoBudget, demo_config, pick_threads, run_method
 from .world import World
 
 __all__ = ["ROWS", "SKIPPED_ROWS", "ITERS_SCALE", "seeds_of", "DERIVED_ROWS", "BUDGETS", "TESTBED_BUDGETS", "DEFAULT_BUDGET", "QUICK_BUDGET", "SMOKE_BUDGET", "CUDA_BUDGET",
@@ -267,7 +267,7 @@ def run_seeded(methods: Sequence[str], seeds: Sequence[int], budget: DemoBudget,
     record per run, in order: {"row", "method", "overrides", "seed", "run_dir", "trainable", "seconds",
     "skipped", "curve": [{"iteration", "miou": {dataset: mIoU %}}], "target_mean", "config", ...}.
 
-    ``world``: the synthetic world (:mod:`dgss.demo.world`; default the demo's), which also gives the
+    ``world``: the synthetic world (:mod:`dgss.testbed.world`; default the demo's), which also gives the
     default foundation file and targets; ``resume``: reuse finished runs of the same experiment (else
     every run starts afresh); ``quiet``: the engine's own lines go to ``RUN/stdout.log`` instead of the
     screen; ``run_name(row, seed)``: the run folder under ``OUT/runs``; ``on_run(record, model,
@@ -313,12 +313,12 @@ def run_seeded(methods: Sequence[str], seeds: Sequence[int], budget: DemoBudget,
 
 
 def _default_weights(world, progress: bool) -> str:
-    from .foundation import foundation_weights
+    from .supervised_foundation import foundation_weights
     from .world import resolve_weights
 
     if world.foundation_file == "label-foundation":
         return str(foundation_weights(progress=progress))  # pretrained and cached when not shipped
-    from .foundation_ssl import ssl_foundation_weights
+    from .ssl_foundation import ssl_foundation_weights
 
     return str(ssl_foundation_weights() if world.foundation_file == "ssl-foundation"
                else resolve_weights(world.foundation_file))
@@ -406,7 +406,7 @@ def _derived_run(row: str, seed: int, base: dict, *, budget: DemoBudget, out_dir
     from ..engine.checkpoint import load_model_weights, save_model
     from ..engine.trainer import FINAL_MODEL_NAME
     from ..tuning.model import build_segmentor
-    from .run import evaluate_model_file
+    from .experiment import evaluate_model_file
 
     base_row, alpha = DERIVED_ROWS[row]
     cfg = _row_config(row, seed, budget=budget, out_dir=out_dir, device=device, curve_points=1, weights=weights,

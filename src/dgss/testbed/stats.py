@@ -1,7 +1,7 @@
 """Statistics of the seeded benchmark: mean +- sample std over seeds, paired differences with a 95%
 t-interval over seeds, and the papers' claims, each decided by one interval.
 
-    summary = summarize(records, "clean", TARGETS)   # records of dgss.demo.benchmark.run_seeded
+    summary = summarize(records, "clean", TARGETS)   # records of dgss.testbed.benchmark.run_seeded
     summary["claims"]                                 # [{"id", "claim", "verdict", "low", "high", ...}]
 
 Differences are paired by seed: seed s of method A against seed s of method B (the same scenes, batch

@@ -9,7 +9,7 @@ OUT/runs/rein/model_final.safetensors`` reproduces its row of the table.
 
 With ``curve_points`` > 1 the engine also writes checkpoints at evenly spaced iterations
 (:func:`curve_iterations`), and :func:`run_method` evaluates each of them the same way (the learning
-curves of the seeded benchmark, :mod:`dgss.demo.benchmark`).
+curves of the seeded benchmark, :mod:`dgss.testbed.benchmark`).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def demo_config(method: str, *, budget: DemoBudget, out_dir: str | Path, weights
 
     ``overrides``: dotted ``key=value`` items applied last (the benchmark's ablation rows); ``name``: the
     run folder under ``OUT/runs`` (default: ``method``); ``curve_points`` > 1: checkpoints (all kept)
-    at :func:`curve_iterations`; ``world``: the synthetic world (:mod:`dgss.demo.world`; default the
+    at :func:`curve_iterations`; ``world``: the synthetic world (:mod:`dgss.testbed.world`; default the
     demo's): source, targets (unless ``targets`` is given), validation family, label set, foundation
     architecture and head. A ``model.weights`` override may name a foundation alias
     ("label-foundation", "ssl-foundation") or null (random initialisation); the backbone takes the

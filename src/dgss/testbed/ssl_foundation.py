@@ -4,11 +4,11 @@
     pretrain_ssl_foundation("vit.safetensors")                       # how it was made (`dgss demo --pretrain-ssl`)
     scores = dense_knn_probe(backbone)                               # the monitor: patch k-NN mIoU per domain
 
-The stand-in for DINOv2 in the DG testbed (:mod:`dgss.demo.testbed`): timm's DINOv2 ViT-S layout
+The stand-in for DINOv2 in the DG testbed (:mod:`dgss.testbed`): timm's DINOv2 ViT-S layout
 made small (6 blocks, width 96, 3 heads) with patch 8, so a 128 px crop is a 16 x 16 token grid,
-pretrained by DINO self-distillation (:mod:`dgss.demo.ssl`; DINO + iBOT is the other objective, which
+pretrained by DINO self-distillation (:mod:`dgss.testbed.ssl`; DINO + iBOT is the other objective, which
 the dense probe ranked lower) on the unlabeled pool
-(:mod:`dgss.demo.pool`, version 2), in which the benchmark's source look is rare, dim scenes occur, and
+(:mod:`dgss.testbed.pool`, version 2), in which the benchmark's source look is rare, dim scenes occur, and
 night's look (blue ambient light, lamps, lit windows) never does. No
 label of any kind is used: the pool has none, and the dense k-NN probe that monitors the run reads
 labels of a separate monitor set only to print a number (it never feeds a gradient or a choice of

@@ -6,7 +6,7 @@
 
 DINOv2 learned from LVD-142M: a broad, curated, unlabeled stream in which the domains a segmenter is
 later asked about are a small and uneven part. This pool plays that role for the testbed
-(:mod:`dgss.demo.testbed`). Every image is a fresh street scene (layout statistics drawn per image,
+(:mod:`dgss.testbed`). Every image is a fresh street scene (layout statistics drawn per image,
 both camera geometries) rendered by one of ``POOL_FAMILIES``, each of which draws its appearance
 from ranges far wider than the benchmark's domains: palettes, surface textures, exposure and tint,
 fog and rain of any strength, blur, sensor noise, colour responses.
@@ -16,7 +16,7 @@ What the pool never holds, by construction and by test:
 * **night** (``HELD_OUT_FAMILIES``): no family renders below ``MIN_EXPOSURE`` or lights lamps, lit
   windows or car lights; an image whose mean brightness is under ``MIN_BRIGHTNESS`` (70 of 255; the
   night targets' lie under 40) is brightened to it, and the self-supervised augmentations
-  (:mod:`dgss.demo.ssl`) dim by at most 0.75 x. The night target family is therefore a shift the
+  (:mod:`dgss.testbed.ssl`) dim by at most 0.75 x. The night target family is therefore a shift the
   foundation never saw, as Cityscapes-at-night is for a model pretrained on daytime photographs.
 * **the benchmark's scenes**: pool scene seeds start at ``POOL_SEED_OFFSET`` (90,000,000), past every
   benchmark split (training 0.., validation 10,000,000.., test 20,000,000..) and past the old
