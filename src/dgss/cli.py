@@ -4,16 +4,20 @@
     dgss backbones                       # the VFM zoo with parameter counts
     dgss config CONFIG [key=value ...]   # validate a config and print it fully resolved
     dgss train CONFIG [key=value ...] [--resume [CHECKPOINT] | --auto-resume]   # also under torchrun
-    dgss eval CONFIG --checkpoint FILE [key=value ...]         # every data.test dataset
+    dgss eval CONFIG --checkpoint FILE|RUN [key=value ...]     # every data.test dataset
     dgss plan CONFIG [key=value ...] [--gpus N --gpu-memory 80GB] [--json]   # memory per process, fits?
-    dgss convert CHECKPOINT --out FILE   # an FSDP checkpoint -> a plain model file
+    dgss convert --checkpoint CKPT|RUN --out FILE   # an FSDP checkpoint -> a plain model file
+    dgss configs list|show|copy [NAME]   # the configs that ship with dgss
     dgss fisher CONFIG [key=value ...]   # FisherTune stages 1-2: DR-FIM scores, selection, plots
     dgss compare CONFIG --methods frozen,rein,lora [key=value ...] [--out DIR] [--no-run]
     dgss predict --checkpoint FILE INPUT... --out DIR [--format colour,overlay] [--tta flip]
     dgss export --checkpoint FILE --out model.onnx [--input-size H W]   # ONNX or TorchScript
     dgss demo [--quick] [--out DIR]      # the built-in end-to-end run on CPU (synthetic domains)
 
-Each sub-command is a (help, add_arguments, run) triple in ``COMMANDS``; errors the user can fix
+Each sub-command is a (help, add_arguments, run) triple in ``COMMANDS``; its description and examples
+are in :mod:`dgss.cli_help`. One convention for all: ``--checkpoint`` takes a file or a run folder;
+every command that runs a model takes ``--device`` and ``--no-progress``, and shows no progress bar when
+its output is not a terminal (log lines instead). Errors the user can fix
 (bad config, missing file) print one clear line and exit with status 2 instead of a traceback.
 ``dgss train`` stopped by SIGTERM/SIGUSR1 exits with 75 after checkpointing (for requeue scripts).
 """
@@ -26,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from . import __version__
+from .cli_help import DESCRIPTIONS, SUMMARIES, epilog
 
 __all__ = ["main", "COMMANDS"]
 
@@ -35,8 +40,42 @@ class UsageError(Exception):
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="experiment YAML file")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-4 model.backbone=dinov2_l")
+    parser.add_argument("config", help="experiment YAML file, or the name of a shipped config (dgss configs list)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted config overrides, also after the options (e.g. data.test.0.root=/data/bdd100k)")
+
+
+def _add_device_progress_args(parser: argparse.ArgumentParser, device_help: str) -> None:
+    """The two flags of every command that runs a model (the CLI convention)."""
+    parser.add_argument("--device", metavar="DEVICE", help=device_help)
+    parser.add_argument("--no-progress", action="store_true",
+                        help="log lines instead of progress bars (automatic when the output is not a terminal)")
+
+
+_CONFIG_DEVICE_HELP = "auto, cuda or cpu: sets train.device (default: the config's, auto = the GPU when there is one)"
+_TORCH_DEVICE_HELP = "cuda, cuda:N or cpu (default: cuda when available)"
+
+
+def _interactive() -> bool:
+    """Progress bars only on a terminal: piped to a file (a SLURM log) their carriage returns are noise."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def _show_progress(args: argparse.Namespace, configured: bool = True) -> bool:
+    return configured and not args.no_progress and _interactive()
+
+
+def _runtime_overrides(args: argparse.Namespace) -> tuple[str, ...]:
+    """--device and --no-progress (or a non-terminal output) as the config keys they stand for."""
+    extra = []
+    if args.device is not None:
+        if args.device not in ("auto", "cuda", "cpu"):
+            raise UsageError(f"--device must be auto, cuda or cpu (train.device; one GPU per process under "
+                             f"torchrun), got {args.device}")
+        extra.append(f"train.device={args.device}")
+    if not _show_progress(args):
+        extra.append("train.progress_bar=false")
+    return tuple(extra)
 
 
 def _load_checked_config(args: argparse.Namespace, extra: tuple[str, ...] = ()):
@@ -51,10 +90,14 @@ def _load_checked_config(args: argparse.Namespace, extra: tuple[str, ...] = ()):
 def _check_inputs(cfg, splits: tuple[str, ...]) -> None:
     """Files and folders the command reads, before any model is built: the backbone weights file and
     the roots of the datasets in ``splits`` (one line naming the key when one is missing)."""
-    from .fileio import check_input_file
+    from .fileio import UnusablePathError, check_input_file
+    from .models.weight_sources import download_hint
 
     if cfg.model.weights not in (None, "hub"):
-        check_input_file(cfg.model.weights, "backbone weights file (model.weights)")
+        try:
+            check_input_file(cfg.model.weights, "backbone weights file (model.weights)")
+        except UnusablePathError as err:
+            raise UsageError(f"{err}{download_hint(cfg.model.backbone, cfg.model.weights)}") from err
     for split in splits:
         for i, ds in enumerate(getattr(cfg.data, split)):
             if ds.type != "synthetic" and ds.root and not Path(ds.root).expanduser().is_dir():
@@ -143,7 +186,11 @@ def _plan_run(args: argparse.Namespace) -> int:
 
 
 def _convert_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="an FSDP checkpoint: iter_N.dcp, its .fsdp.pt, or a run's checkpoints folder")
+    parser.add_argument("--checkpoint", metavar="CKPT|RUN",
+                        help="an FSDP checkpoint: iter_N.dcp, its .fsdp.pt, a checkpoints folder or a run folder "
+                        "(their newest)")
+    # the older form `dgss convert CKPT --out FILE` keeps working for existing scripts; not shown in the usage
+    parser.add_argument("positional_checkpoint", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument("--out", required=True, metavar="FILE", help="the model file to write (.safetensors)")
     parser.add_argument("--config", help="the run's config (default: RUN/config.yaml next to the checkpoints)")
 
@@ -152,8 +199,58 @@ def _convert_run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .engine.fsdp import convert_checkpoint
 
+    if args.checkpoint and args.positional_checkpoint:
+        raise UsageError(f"two checkpoints given ({args.positional_checkpoint} and --checkpoint {args.checkpoint}): "
+                         "give --checkpoint only")
+    spec = Path(args.checkpoint or args.positional_checkpoint or "")
+    if not str(spec) or str(spec) == ".":
+        raise UsageError("--checkpoint is required (an iter_N.dcp folder, its .fsdp.pt, or a run folder)")
+    if spec.is_dir() and spec.suffix != ".dcp" and (spec / "checkpoints").is_dir():
+        spec = spec / "checkpoints"  # a run folder: its checkpoints, as eval, predict and export take a run
     cfg = load_config(args.config) if args.config else None
-    print(f"wrote {convert_checkpoint(args.checkpoint, args.out, cfg)}")
+    print(f"wrote {convert_checkpoint(spec, args.out, cfg)}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# dgss configs
+# ------------------------------------------------------------------------------------------------
+
+
+def _configs_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=("list", "show", "copy"),
+                        help="list: the shipped configs (under FOLDER); show: print NAME; copy: copy NAMEs (files or "
+                        "folders) with their _base_ files")
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help="a shipped config or folder, e.g. rein/dinov2-l_gtav_512.yaml or rein")
+    parser.add_argument("--to", default="configs", metavar="DIR",
+                        help="with copy: the folder to copy into, keeping the relative paths (default: ./configs)")
+    parser.add_argument("--force", action="store_true", help="with copy: overwrite files that differ")
+
+
+def _configs_run(args: argparse.Namespace) -> int:
+    from .config_files import copy_configs, list_configs, shipped_config
+
+    if args.action == "list":
+        if len(args.names) > 1:
+            raise UsageError("list takes at most one folder, e.g. `dgss configs list rein`")
+        for name in list_configs(args.names[0] if args.names else ""):
+            print(name)
+        return 0
+    if not args.names:
+        raise UsageError(f"{args.action} needs a config name, e.g. `dgss configs {args.action} rein/dinov2-l_gtav_512.yaml`")
+    if args.action == "show":
+        for name in args.names:
+            path = shipped_config(name)
+            if path.is_dir():
+                raise UsageError(f"{name} is a folder of configs: `dgss configs list {name}` names them")
+            if len(args.names) > 1:
+                print(f"# {name}")
+            print(path.read_text(), end="")
+        return 0
+    _check_output(args.to, "folder of --to")
+    for path in copy_configs(args.names, args.to, force=args.force):
+        print(path)
     return 0
 
 
@@ -165,11 +262,10 @@ def _convert_run(args: argparse.Namespace) -> int:
 def _fisher_args(parser: argparse.ArgumentParser) -> None:
     _add_config_args(parser)
     parser.add_argument("--out", help="output folder (default: the run folder, output_dir/name)")
-    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--stability", action="store_true",
                         help="also estimate plain and variational on 2 x num_batches further batches and report "
                              "each ranking's split-half Jaccard (4 more estimates)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_device_progress_args(parser, _TORCH_DEVICE_HELP)
 
 
 def _fisher_run(args: argparse.Namespace) -> int:
@@ -180,7 +276,7 @@ def _fisher_run(args: argparse.Namespace) -> int:
     out = _check_output(args.out or cfg.run_dir,
                         "output folder (--out)" if args.out else "run folder (output_dir/name)")
     written, report = run_fisher(cfg, device=args.device, out_dir=out, stability=args.stability,
-                                 progress=cfg.train.progress_bar and not args.no_progress)
+                                 progress=_show_progress(args, cfg.train.progress_bar))
     print(format_report(report))
     for name, path in written.items():
         print(f"{name:<13} {path}")
@@ -201,12 +297,7 @@ def _compare_args(parser: argparse.ArgumentParser) -> None:
                         help="folder for table.md, table.csv and miou.png (default: output_dir/compare_<protocol>)")
     parser.add_argument("--no-run", action="store_true",
                         help="only collect finished runs (RUN/eval/results.json); never train or evaluate")
-    parser.epilog = ("A run found on disk (results, final model or checkpoints) is reused only when its saved "
-                     "RUN/config.yaml matches the requested config: a difference in any key that changes the "
-                     "experiment (all but where it writes, what it shows and how fast it runs: "
-                     "dgss.config.NON_EXPERIMENT_KEYS) is refused with the keys named, before anything runs. "
-                     "Delete that run folder to make it again, or give the new experiment another name=. An "
-                     "interrupted run of the same config is resumed from its newest checkpoint.")
+    _add_device_progress_args(parser, _CONFIG_DEVICE_HELP)
 
 
 def _compare_run(args: argparse.Namespace) -> int:
@@ -216,12 +307,13 @@ def _compare_run(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise UsageError("--methods names no method")
+    overrides = list(args.overrides) + list(_runtime_overrides(args))
     out = args.out
     if out is None:
-        protocol = load_config(args.config, args.overrides)
+        protocol = load_config(args.config, overrides)
         out = str(Path(protocol.output_dir) / f"compare_{Path(args.config).stem}")
     _check_output(out, "output folder (--out)")
-    runs, paths = compare(args.config, methods, overrides=args.overrides, out_dir=out, allow_run=not args.no_run)
+    runs, paths = compare(args.config, methods, overrides=overrides, out_dir=out, allow_run=not args.no_run)
     print(format_markdown_table(runs))
     missing = [f"{r.label} ({r.cfg.run_dir})" for r in runs if r.status == "missing"]
     if missing:
@@ -255,11 +347,13 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
                         help="instead of the demo: pretrain the DG testbed's label-free foundation ViT (DINO "
                         "self-distillation on the unlabeled pool, no labels) as the shipped file was made, write OUT and its manifest "
                         "(OUT with .json); resumable from OUT.ckpt")
-    parser.add_argument("--device", default="cpu", help="with --pretrain-ssl: cpu (default) or cuda")
+    parser.add_argument("--device", default="cpu", help="with --pretrain-ssl: cpu (default) or cuda (the demo "
+                        "itself runs on the CPU)")
     parser.add_argument("--pool-version", type=int, metavar="N",
                         help="with --pretrain-ssl: the unlabeled pool's version (dgss.testbed.pool: 2, the shipped "
                         "file's and the default, adds dim scenes without night's look to 1)")
-    parser.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="log lines instead of progress bars (automatic when the output is not a terminal)")
 
 
 def _pretrain_ssl(args: argparse.Namespace) -> int:
@@ -282,7 +376,7 @@ def _pretrain_ssl(args: argparse.Namespace) -> int:
           f"{PRETRAIN_SSL['batch_size']} unlabeled pool images (pool version {pool_version}) on {args.device} "
           f"(checkpoint: {out}.ckpt)", flush=True)
     path = pretrain_ssl_foundation(out, iters=args.iters, device=args.device, checkpoint=f"{out}.ckpt",
-                                   progress=not args.no_progress, overrides=overrides)
+                                   progress=_show_progress(args), overrides=overrides)
     print(f"foundation ViT written to {path}, manifest {path.with_suffix('.json')}")
     return 0
 
@@ -307,7 +401,7 @@ def _demo_run(args: argparse.Namespace) -> int:
         _check_output(Path(args.pretrain_foundation).parent, "folder of --pretrain-foundation")
         print(f"pretraining the demo's foundation ViT: {args.iters or PRETRAIN['iters']} iterations "
               "(the shipped recipe: about 7 minutes on one core)", flush=True)
-        path = pretrain_foundation(args.pretrain_foundation, iters=args.iters, progress=not args.no_progress)
+        path = pretrain_foundation(args.pretrain_foundation, iters=args.iters, progress=_show_progress(args))
         print(f"foundation ViT written to {path}")
         return 0
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -330,7 +424,7 @@ def _demo_run(args: argparse.Namespace) -> int:
     seeds = range(args.seeds) if args.seeds is not None else ((0,) if args.quick else DEMO_SEEDS)
     jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
     run_demo(out_dir=args.out, quick=args.quick, methods=methods, budget=budget, weights=args.foundation,
-             progress=not args.no_progress, threads=args.threads, seeds=seeds, jobs=jobs)
+             progress=_show_progress(args), threads=args.threads, seeds=seeds, jobs=jobs)
     return 0
 
 
@@ -347,10 +441,7 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--auto-resume", action="store_true",
                         help="continue from the newest intact checkpoint when the run has one, else start it: the "
                         "same command for every attempt of a requeued or restarted (torchrun --max-restarts) job")
-    parser.epilog = ("SIGTERM or SIGUSR1 (preemption, SLURM's --signal) makes every process finish its step; the "
-                     "run writes a checkpoint of that iteration and exits with status 75 (resume with --resume or "
-                     "--auto-resume). A save that finds the disk full stops with one line (status 2), the previous "
-                     "checkpoint intact.")
+    _add_device_progress_args(parser, _CONFIG_DEVICE_HELP)
 
 
 def _train_run(args: argparse.Namespace) -> int:
@@ -367,9 +458,10 @@ def _train_run(args: argparse.Namespace) -> int:
         if resume:
             raise UsageError("--resume and --auto-resume exclude each other")
         resume = "auto"
-    cfg = _load_checked_config(args)
-    # what the run reads and where it writes, before the model is built
-    _check_inputs(cfg, ("train", "val"))
+    cfg = _load_checked_config(args, _runtime_overrides(args))
+    # what the run reads and where it writes, before the model is built: the test sets too, whose wrong
+    # root would otherwise be found by `dgss eval` after the whole run
+    _check_inputs(cfg, ("train", "val", "test"))
     if resume and resume != "auto":
         try:
             if cfg.train.parallel == "fsdp":  # iter_N.dcp checkpoints (dgss.engine.fsdp)
@@ -397,10 +489,12 @@ def _train_run(args: argparse.Namespace) -> int:
 
 def _eval_args(parser: argparse.ArgumentParser) -> None:
     _add_config_args(parser)
-    parser.add_argument("--checkpoint", required=True, metavar="FILE",
-                        help="a dgss model file (RUN/model_final.safetensors or a training checkpoint), or an "
-                             "official Rein / released SoMA .pth trained with this config")
+    parser.add_argument("--checkpoint", required=True, metavar="FILE|RUN",
+                        help="a dgss model file (RUN/model_final.safetensors or a training checkpoint), a run "
+                             "folder (its final model, else its newest checkpoint), or an official Rein / released "
+                             "SoMA .pth trained with this config")
     parser.add_argument("--out", metavar="DIR", help="folder for results.json/.md (default: RUN/eval)")
+    _add_device_progress_args(parser, _CONFIG_DEVICE_HELP)
 
 
 def _eval_run(args: argparse.Namespace) -> int:
@@ -410,14 +504,17 @@ def _eval_run(args: argparse.Namespace) -> int:
     from .engine.trainer import seed_everything
     from .fileio import check_input_file
     from .tuning.model import build_segmentor
-    from .predict.loading import is_dgss_model_file, load_segmentor
+    from .predict.loading import is_dgss_model_file, load_segmentor, resolve_model_file
 
-    cfg = _load_checked_config(args)
+    cfg = _load_checked_config(args, _runtime_overrides(args))
     if not cfg.data.test:
         raise UsageError(f"{args.config}: data.test lists no dataset to evaluate on")
-    checkpoint = args.checkpoint
-    if checkpoint.endswith(".state.pt"):  # the state half of a training checkpoint: use its model half
-        checkpoint = checkpoint[: -len(".state.pt")] + ".safetensors"
+    try:  # a run folder, either half of a training checkpoint, or the file itself (as predict and export)
+        checkpoint = str(resolve_model_file(args.checkpoint))
+    except CheckpointError as err:
+        raise UsageError(str(err)) from err
+    if Path(args.checkpoint).is_dir():
+        print(f"dgss eval: evaluating {checkpoint}", file=sys.stderr)
     # what the evaluation reads and where it writes, before the model is built
     check_input_file(checkpoint, "checkpoint file")
     _check_inputs(cfg, ("test",))
@@ -462,13 +559,13 @@ def _eval_run(args: argparse.Namespace) -> int:
 
 
 def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="FILE",
+    parser.add_argument("--checkpoint", required=True, metavar="FILE|RUN",
                         help="a dgss model file, a training checkpoint, a run folder, or an official Rein .pth")
     parser.add_argument("--config", metavar="YAML", help="experiment config, for checkpoints without one "
                         "(official Rein, plain state dicts)")
     parser.add_argument("--backbone-weights", metavar="FILE",
                         help="pretrained backbone file, for checkpoints that hold the method and head only")
-    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    _add_device_progress_args(parser, _TORCH_DEVICE_HELP)
 
 
 def _load_predictor(args: argparse.Namespace):
@@ -500,7 +597,6 @@ def _predict_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resize", type=int, nargs=2, metavar=("W", "H"),
                         help="fit images into this box before inference (results keep the input size)")
     parser.add_argument("--opacity", type=float, default=0.5, help="colour weight of overlays (default 0.5)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _predict_run(args: argparse.Namespace) -> int:
@@ -509,7 +605,7 @@ def _predict_run(args: argparse.Namespace) -> int:
     from .predict.writers import parse_formats
 
     options = PredictOptions(formats=parse_formats(args.format), tta=parse_tta(args.tta), batch_size=args.batch,
-                             mode=args.mode, resize=args.resize, opacity=args.opacity, progress=not args.no_progress)
+                             mode=args.mode, resize=args.resize, opacity=args.opacity, progress=_show_progress(args))
     if args.batch < 1:
         raise UsageError(f"--batch must be at least 1, got {args.batch}")
     _check_output(args.out, "output folder (--out)")  # before the model is loaded
@@ -563,26 +659,33 @@ def _export_run(args: argparse.Namespace) -> int:
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
-COMMANDS: dict[str, Command] = {
-    "backbones": ("list the supported VFM backbones with parameter counts", _backbones_args, _backbones_run),
-    "config": ("validate a config and print it fully resolved", _config_args, _config_run),
-    "train": ("train a model (iterations, checkpoints, --resume; torchrun for several GPUs)", _train_args,
-              _train_run),
-    "eval": ("evaluate a model file on every data.test dataset (mIoU tables, JSON + Markdown)", _eval_args,
-             _eval_run),
-    "predict": ("segment images, folders and videos with a trained model (colour masks, overlays, ids)",
-                _predict_args, _predict_run),
-    "export": ("export a trained model to ONNX or TorchScript (fixed input size, methods folded)", _export_args,
-               _export_run),
-    "plan": ("memory per process of a config before it runs: fits or not, and the smallest change that fits",
-             _plan_args, _plan_run),
-    "convert": ("turn an FSDP checkpoint (train.parallel=fsdp) into a plain model file for eval and predict",
-                _convert_args, _convert_run),
-    "fisher": ("FisherTune stages 1-2 alone: DR-FIM scores, selection and plots", _fisher_args, _fisher_run),
-    "compare": ("run or collect several methods on one protocol and write the comparison table", _compare_args,
-                _compare_run),
-    "demo": ("run the built-in end-to-end demo on CPU (synthetic domains)", _demo_args, _demo_run),
+_HANDLERS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "backbones": (_backbones_args, _backbones_run),
+    "config": (_config_args, _config_run),
+    "configs": (_configs_args, _configs_run),
+    "train": (_train_args, _train_run),
+    "eval": (_eval_args, _eval_run),
+    "predict": (_predict_args, _predict_run),
+    "export": (_export_args, _export_run),
+    "plan": (_plan_args, _plan_run),
+    "convert": (_convert_args, _convert_run),
+    "fisher": (_fisher_args, _fisher_run),
+    "compare": (_compare_args, _compare_run),
+    "demo": (_demo_args, _demo_run),
 }
+COMMANDS: dict[str, Command] = {name: (SUMMARIES[name], *handlers) for name, handlers in _HANDLERS.items()}
+
+# Commands that build and run a model: each takes --device and --no-progress (tests/test_cli_convention.py).
+MODEL_COMMANDS = ("train", "eval", "predict", "export", "fisher", "compare", "demo")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps the description like argparse does, and keeps the examples block as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return "\n".join(indent + line for line in text.splitlines())
+        return super()._fill_text(text, width, indent)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -590,11 +693,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dgss",
         description="Domain-generalized semantic segmentation with Vision Foundation Models "
         "(FisherTune, Rein and their baselines).",
+        epilog="`dgss COMMAND --help` describes a command, with examples.",
     )
     parser.add_argument("--version", action="version", version=f"dgss {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_args, _) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text, description=help_text))
+        add_args(sub.add_parser(name, help=help_text, description=DESCRIPTIONS[name], epilog=epilog(name),
+                                formatter_class=_HelpFormatter))
     return parser
 
 

@@ -55,6 +55,8 @@ __all__ = [
     "check_name",
     "NON_EXPERIMENT_KEYS",
     "config_differences",
+    "SHIPPED_CONFIGS",
+    "resolve_config_path",
 ]
 
 
@@ -424,6 +426,15 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     clip_grad: Optional[float] = None  # max global gradient L2 norm; None: no clipping
     amp: Literal["none", "bf16", "fp16"] = "none"  # autocast on GPU (fp16 with a GradScaler); fp32 on CPU
+    # TF32 tensor-core matmuls and convolutions for fp32 work on an Ampere-or-newer GPU (training,
+    # evaluation, predict, FisherTune's estimate): 10-bit mantissa products with fp32 accumulation, what
+    # timm's train script and Lightning recommend. false: full fp32 matmuls, torch's defaults (dgss's
+    # numerics before this option, bit for bit). No effect on a CPU or on bf16/fp16 products.
+    tf32: bool = True
+    # AdamW's implementation: fused (one kernel for all tensors) on CUDA, foreach elsewhere (the same
+    # updates within float rounding; foreach is bit-identical to torch's per-tensor loop on a CPU).
+    # false: torch's default choice (foreach on CUDA), dgss's behaviour before this option
+    fused_adamw: bool = True
     seed: int = 0
     device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: the process's GPU (LOCAL_RANK) when there is one
     eval_interval: int = 4000  # source-domain validation (data.val) every N iterations; 0: never
@@ -465,7 +476,15 @@ class TrainConfig:
 class EvalConfig:
     """Inference for validation and `dgss eval` (protocols.md "Evaluation")."""
 
-    mode: Literal["slide", "whole"] = "slide"
+    # slide: overlapping windows; whole: one pass; coarse_to_fine: a whole pass at coarse_scale and the
+    # sliding window at scale, their scores fused (dgss.models.inference, docs/inference.md)
+    mode: Literal["slide", "whole", "coarse_to_fine"] = "slide"
+    # the image (as the loader gives it: 1024 x 512 for Cityscapes) is resized by this factor before
+    # inference and the scores back to the label's size; 2.0 runs Rein's 1024 x 512 protocol at
+    # 2048 x 1024. 1.0: no resize at all (bit for bit the unscaled path)
+    scale: float = 1.0
+    coarse_scale: float = 0.5  # coarse_to_fine: the whole pass's resize factor (a choice: no paper fixes it)
+    coarse_weight: float = 0.5  # coarse_to_fine: fused = w * coarse + (1 - w) * fine (0.5: mmseg's TTA mean)
     crop_size: list[int] = field(default_factory=lambda: [512, 512])  # (h, w); 1024 recipe: 1024
     stride: list[int] = field(default_factory=lambda: [341, 341])  # (h, w); 1024 recipe: 683
     batch_windows: int = 8  # sliding windows per forward pass
@@ -477,6 +496,34 @@ class EvalConfig:
 
 
 @dataclass
+class GeCoLossConfig:
+    """GeCo's geometric-consistency loss (Zang et al., CVPR 2026; dgss.models.geco, docs/methods/geco.md).
+    Defaults: the public code's GTAV config (github DZhaoXd/GeCo at 5c5f12a,
+    configs/geco/geco_dinov2-L_mask2former_gta.py lines 8-23)."""
+
+    enabled: bool = False
+    weight: float = 0.1  # lambda_geo
+    start_iter: int = 1000  # warmup_iters: no loss (and no perturbation drawn) before this iteration
+    alpha: float = 0.1  # the largest step, alpha / (1 + curvature), times the token's RMS
+    beta: float = 0.2  # weight of the normal component in low-curvature tokens' direction
+    num_neighbors: int = 8  # k nearest tokens (cosine geometry) that span the local tangent plane
+    tangent_dim: int = 4  # d leading principal directions of the neighbours' offsets
+    curvature_threshold: Optional[float] = None  # None: the per-image curvature_quantile
+    curvature_quantile: float = 0.5
+    max_tokens: int = 1024  # larger maps are average-pooled to at most this many tokens first
+    eps: float = 1.0e-6
+    detach_clean: bool = True  # the clean prediction is a target (no gradient)
+    levels: list[int] = field(default_factory=lambda: [-1])  # which of the 4 maps are perturbed (-1: stride 32)
+
+
+@dataclass
+class LossConfig:
+    """Loss terms added to the head's, for any method (the segmentor never asks which method it holds)."""
+
+    geco: GeCoLossConfig = field(default_factory=GeCoLossConfig)
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     output_dir: str = "runs"  # the run writes to output_dir/name
@@ -485,6 +532,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -686,7 +734,27 @@ def validate_config(cfg: ExperimentConfig, source: str = "") -> ExperimentConfig
                       ("eval.stride", cfg.eval.stride)):
         if len(size) != 2 or min(size) < 1:
             raise ConfigError(f"key '{key}'{where} must be two sizes >= 1 (h, w), got {size}")
+    _validate_inference_and_loss(cfg, where)
     return cfg
+
+
+def _validate_inference_and_loss(cfg: ExperimentConfig, where: str) -> None:
+    for key, value in (("eval.scale", cfg.eval.scale), ("eval.coarse_scale", cfg.eval.coarse_scale)):
+        if not value > 0:
+            raise ConfigError(f"key '{key}'{where} must be above 0 (a resize factor), got {value:g}")
+    if not 0 <= cfg.eval.coarse_weight <= 1:
+        raise ConfigError(f"key 'eval.coarse_weight'{where} must be in [0, 1], got {cfg.eval.coarse_weight:g}")
+    geco = cfg.loss.geco
+    for key, value, low in (("weight", geco.weight, 0), ("start_iter", geco.start_iter, 0), ("alpha", geco.alpha, 0),
+                            ("beta", geco.beta, 0), ("num_neighbors", geco.num_neighbors, 1),
+                            ("tangent_dim", geco.tangent_dim, 1), ("max_tokens", geco.max_tokens, 2),
+                            ("eps", geco.eps, 0)):
+        _check_at_least(f"loss.geco.{key}", value, low, where)
+    if not 0 <= geco.curvature_quantile <= 1:
+        raise ConfigError(f"key 'loss.geco.curvature_quantile'{where} must be in [0, 1], got {geco.curvature_quantile:g}")
+    if not geco.levels or any(not -4 <= level <= 3 for level in geco.levels):
+        raise ConfigError(f"key 'loss.geco.levels'{where} must list levels of the 4 feature maps (0..3 or -4..-1), "
+                          f"got {geco.levels}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -780,12 +848,36 @@ def _deep_copy(obj: Any) -> Any:
     return obj
 
 
+# The configs that ship inside the package (configs/ at the repository root is a link to this folder).
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """The file ``path`` names: the path itself when it exists (a local file always wins), else the shipped
+    config of that name (``rein/dinov2-l_gtav_512.yaml``, also spelt ``configs/rein/...``), so the
+    documented commands work after a plain ``pip install``.
+
+    Raises:
+        ConfigError: neither exists; the message names both places.
+    """
+    local = Path(path)
+    if local.is_file():
+        return local
+    relative = Path(*local.parts[1:]) if local.parts[:1] == ("configs",) else local
+    shipped = SHIPPED_CONFIGS / relative
+    if not local.is_absolute() and shipped.is_file():
+        return shipped
+    raise ConfigError(f"config file not found: {path} (neither here, {local.absolute()}, nor among the shipped "
+                      f"configs, {shipped}; `dgss configs list` names those)")
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Load an experiment YAML (with ``_base_`` files) and apply dotted overrides.
 
-    Without a path, the defaults of :class:`ExperimentConfig` are the starting point.
+    Without a path, the defaults of :class:`ExperimentConfig` are the starting point. A path that is not
+    on disk may name a shipped config (:func:`resolve_config_path`).
     """
-    data = _read_yaml(Path(path)) if path is not None else {}
+    data = _read_yaml(resolve_config_path(path)) if path is not None else {}
     source = str(path) if path is not None else ""
     if overrides:
         try:
@@ -816,6 +908,7 @@ NON_EXPERIMENT_KEYS = (
     "train.device", "data.num_workers", "train.find_unused_parameters",  # where and how fast it runs
     "train.grad_checkpointing", "train.compile", "train.compile_mode", "train.compile_backend",  # same losses
     "train.parallel",  # FSDP's step equals DDP's
+    "train.fused_adamw",  # the same updates within float rounding
 )
 
 

@@ -33,7 +33,7 @@ from .layouts import (
 from .synthetic import SyntheticDataset
 from .transforms import EvalTransform, TrainTransform
 
-__all__ = ["DATASET_TYPES", "build_dataset", "check_dataset_types", "dataset_name", "select_fraction", "match_list"]
+__all__ = ["DATASET_TYPES", "build_dataset", "check_dataset_config", "check_dataset_types", "dataset_name", "select_fraction", "match_list"]
 
 DATASET_TYPES: dict[str, type[SegmentationDataset]] = {
     "gtav": GTAVDataset,
@@ -92,6 +92,25 @@ def _check_options(cls: type, options: dict, type_name: str) -> None:
                               f"(valid: {', '.join(valid) or 'none'})")
 
 
+def check_dataset_config(ds_cfg: DatasetConfig, *, train: bool) -> type[SegmentationDataset]:
+    """The checks of one dataset entry that need no file (type, options, root given, condition, labels for
+    training, corruption and severity together); returns its class. ``build_dataset`` and
+    :func:`dgss.engine.config_check.check_config` (``dgss config``) both run them."""
+    cls = _dataset_class(ds_cfg.type)
+    _check_options(cls, dict(ds_cfg.options), ds_cfg.type)
+    if not ds_cfg.root and ds_cfg.type != "synthetic":
+        raise ConfigError(f"dataset type {ds_cfg.type} needs 'root' (the folder its download unpacks to)")
+    if ds_cfg.condition is not None and cls is not ACDCDataset:
+        raise ConfigError(f"'condition' is an ACDC option; dataset type {ds_cfg.type} has none")
+    if train and not ds_cfg.with_labels:
+        raise ConfigError(f"dataset {dataset_name(ds_cfg)}: training needs labels (with_labels is false)")
+    if ds_cfg.corruption is not None and ds_cfg.severity is None:
+        raise ConfigError(f"dataset {dataset_name(ds_cfg)}: corruption '{ds_cfg.corruption}' needs a severity (1..5)")
+    if ds_cfg.severity is not None and ds_cfg.corruption is None:
+        raise ConfigError(f"dataset {dataset_name(ds_cfg)}: severity is set but no corruption")
+    return cls
+
+
 def build_dataset(
     ds_cfg: DatasetConfig,
     data_cfg: DataConfig,
@@ -111,19 +130,8 @@ def build_dataset(
         write_fraction_list: False on all but one process of a distributed run.
         seed: seed of the augmentation generator when no DataLoader worker is used.
     """
-    cls = _dataset_class(ds_cfg.type)
+    cls = check_dataset_config(ds_cfg, train=train)
     options = dict(ds_cfg.options)
-    _check_options(cls, options, ds_cfg.type)
-    if not ds_cfg.root and ds_cfg.type != "synthetic":
-        raise ConfigError(f"dataset type {ds_cfg.type} needs 'root' (the folder its download unpacks to)")
-    if ds_cfg.condition is not None and cls is not ACDCDataset:
-        raise ConfigError(f"'condition' is an ACDC option; dataset type {ds_cfg.type} has none")
-    if train and not ds_cfg.with_labels:
-        raise ConfigError(f"dataset {dataset_name(ds_cfg)}: training needs labels (with_labels is false)")
-    if ds_cfg.corruption is not None and ds_cfg.severity is None:
-        raise ConfigError(f"dataset {dataset_name(ds_cfg)}: corruption '{ds_cfg.corruption}' needs a severity (1..5)")
-    if ds_cfg.severity is not None and ds_cfg.corruption is None:
-        raise ConfigError(f"dataset {dataset_name(ds_cfg)}: severity is set but no corruption")
     if train:
         transform = TrainTransform(crop_size=data_cfg.crop_size, scales=data_cfg.scales,
                                    max_long_side=data_cfg.max_long_side, cat_max_ratio=data_cfg.cat_max_ratio,

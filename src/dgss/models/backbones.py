@@ -25,7 +25,8 @@ from torch import nn
 
 from ..config import check_name
 
-__all__ = ["BackboneSpec", "BACKBONES", "Backbone", "build_backbone", "list_backbones", "check_backbone_name"]
+__all__ = ["BackboneSpec", "BACKBONES", "Backbone", "build_backbone", "list_backbones", "check_backbone_name",
+           "canonical_backbone_name"]
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,17 @@ def list_backbones() -> list[str]:
     return sorted(BACKBONES)
 
 
+def canonical_backbone_name(name: str) -> str:
+    """The registered name ``name`` spells, ignoring case and - versus _ (the configs' file names say
+    ``dinov2-l``, papers ``DINOv2-L``: both mean ``dinov2_l``); ``name`` itself when none matches."""
+    key = str(name).lower().replace("-", "_")
+    return key if key in BACKBONES else name
+
+
 def check_backbone_name(name: str, where: str = "") -> None:
-    """ConfigError (one line, the closest name) unless ``name`` is a registered backbone (model.backbone)."""
-    check_name("model.backbone", name, BACKBONES, "backbone", where)
+    """ConfigError (one line, the closest name) unless ``name`` is a registered backbone (model.backbone)
+    or one spelt differently (:func:`canonical_backbone_name`)."""
+    check_name("model.backbone", canonical_backbone_name(name), BACKBONES, "backbone", where)
 
 
 class DeconvPyramid(nn.Module):
@@ -255,6 +264,7 @@ def build_backbone(
         **overrides: passed to the timm constructor (``depth``, ``embed_dim``, ``num_heads``, ...),
             e.g. to build tiny models for tests.
     """
+    name = canonical_backbone_name(name)
     if name not in BACKBONES:
         import difflib
 
@@ -267,10 +277,12 @@ def build_backbone(
         from ..fileio import UnusablePathError, check_input_file
         from .backbone_weights import BackboneWeightsError
 
+        from .weight_sources import download_hint
+
         try:
             check_input_file(weights, "backbone weights file")
         except UnusablePathError as err:
-            raise BackboneWeightsError(str(err)) from None
+            raise BackboneWeightsError(f"{err}{download_hint(name, weights)}") from None
     kwargs = _timm_kwargs(spec, img_size, patch_size, drop_path_rate, overrides)
     model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
     for attr in ("fc_norm", "attn_pool", "head_drop"):
