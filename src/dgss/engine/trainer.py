@@ -396,7 +396,7 @@ class Trainer:
             sync = contextlib.nullcontext() if (last or self.ddp_model is None) else self.ddp_model.no_sync()
             with sync, compile_errors(train):
                 with autocast_context(self.amp, self.device):
-                    losses = forward(batch["image"], batch["label"])
+                    losses = forward(batch["image"], batch["label"], iteration=iteration)
                 loss = losses["loss"] / train.grad_accum
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             for key, value in losses.items():

@@ -2,13 +2,14 @@
 
     model = build_segmentor(cfg)                      # dgss.tuning.model: from an ExperimentConfig
     losses = model.loss(images, labels)               # {"loss": total, "loss_cls": ..., ...}
-    losses = ddp_model(images, labels)                # the same, through DistributedDataParallel
-    scores = model.inference(images, out_size=(H, W)) # B x K x H x W, slide or whole (cfg.eval)
+    losses = ddp_model(images, labels, iteration=it)  # the same, through DistributedDataParallel
+    scores = model.inference(images, out_size=(H, W)) # B x K x H x W, as cfg.eval says (dgss.models.inference)
     pred = scores.argmax(1)
 
 Images are normalised B x 3 x H x W tensors, labels B x H x W class indices (255 ignored). The
 segmentor never tests a method's or a head's name: it asks the method for queries
 (``head_queries()``) and whether the backbone needs gradients, and the head for its loss and scores.
+Loss terms beyond the head's (``cfg.loss``: GeCo's consistency, dgss.models.geco) apply to any method.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import EvalConfig
 from .backbones import Backbone
+from .geco import GeCoLoss
+from .inference import run_inference
 from .param_groups import decay_groups
 
 if TYPE_CHECKING:  # tuning sits on models: the segmentor holds a method, it never imports the package
@@ -56,14 +58,16 @@ class Segmentor(nn.Module):
         num_classes: K (must equal the head's).
         ignore_index: label value that is not supervised.
         eval_cfg: inference mode, window and stride (crop and stride as (h, w)).
+        geco: GeCo's consistency loss (``cfg.loss.geco``), added to the head's as ``loss_geco``; None: off.
     """
 
     def __init__(self, backbone: Backbone, method: TuningMethod, head: nn.Module, *, num_classes: int,
-                 ignore_index: int = 255, eval_cfg: Optional[EvalConfig] = None):
+                 ignore_index: int = 255, eval_cfg: Optional[EvalConfig] = None, geco: Optional[GeCoLoss] = None):
         super().__init__()
         self.backbone = backbone
         self.method = method
         self.head = head
+        self.geco = geco
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.eval_cfg = eval_cfg if eval_cfg is not None else EvalConfig()
@@ -92,20 +96,36 @@ class Segmentor(nn.Module):
                 return self.backbone(images)
         return self.backbone(images)
 
-    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> dict:
+    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                iteration: Optional[int] = None) -> dict:
         """The head's raw outputs for a batch of images, or with ``labels`` the training losses (the
-        form to call through ``DistributedDataParallel``: ``ddp_model(images, labels)``)."""
+        form to call through ``DistributedDataParallel``: ``ddp_model(images, labels, iteration=it)``).
+        ``iteration``: the 0-based training iteration, for scheduled terms (GeCo's start); None: all on."""
         features = self.forward_features(images)
         queries = self.method.head_queries() if getattr(self.head, "accepts_queries", False) else None
         outputs = self.head(features, queries)
         if labels is None:
             return outputs
         losses = self.head.loss(outputs, labels, ignore_index=self.ignore_index)
+        if self.geco is not None:
+            losses["loss_geco"] = self._geco_term(features, queries, outputs, images.shape[-2:], iteration)
         return {"loss": sum(losses.values()), **losses}
 
-    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Training losses of a batch: the head's weighted terms and their sum under "loss"."""
-        return self(images, labels)
+    def _geco_term(self, features, queries, outputs: dict, size, iteration: Optional[int]) -> torch.Tensor:
+        """GeCo's weighted consistency between the head's scores on the clean maps (this pass's outputs:
+        the public code's separate no-grad pass gives the same, the head being deterministic) and on the
+        perturbed ones, at the input size as mmseg's ``decode_head.predict`` returns them; 0 before its start."""
+        if not self.geco.active(iteration):
+            return features[-1].new_zeros((), dtype=torch.float32)
+        perturbed_outputs = self.head(self.geco.perturb(features), queries)
+        clean = self.head.segmentation_scores(outputs, size)
+        perturbed = self.head.segmentation_scores(perturbed_outputs, size)
+        return self.geco.weight_at(iteration) * self.geco.consistency(clean, perturbed)
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor,
+             iteration: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """Training losses of a batch: the head's weighted terms (and ``cfg.loss``'s) and their sum under "loss"."""
+        return self(images, labels, iteration=iteration)
 
     def parameter_groups(self, lr: float, weight_decay: float, backbone_lr_mult: float = 1.0) -> list[dict]:
         """AdamW groups: the method's (method, trainable backbone, neck) and the head's."""
@@ -155,17 +175,10 @@ class Segmentor(nn.Module):
 
     @torch.no_grad()
     def inference(self, images: torch.Tensor, out_size: Optional[Sequence[int]] = None) -> torch.Tensor:
-        """Scores in ``eval_cfg.mode`` ("slide" or "whole"), bilinearly resized to ``out_size`` (the
-        label resolution, (H, W)) so that the caller's argmax is taken there: B x K x H x W."""
-        if self.eval_cfg.mode == "slide":
-            scores = self.slide_inference(images)
-        elif self.eval_cfg.mode == "whole":
-            scores = self.whole_inference(images)
-        else:
-            raise ValueError(f"unknown eval mode '{self.eval_cfg.mode}' (slide | whole)")
-        if out_size is not None and tuple(out_size) != tuple(scores.shape[-2:]):
-            scores = F.interpolate(scores, size=tuple(out_size), mode="bilinear", align_corners=False)
-        return scores
+        """Scores in ``eval_cfg.mode`` ("slide", "whole" or "coarse_to_fine") at ``eval_cfg.scale``,
+        bilinearly resized to ``out_size`` (the label resolution, (H, W); default the images') so that the
+        caller's argmax is taken there: B x K x H x W (:func:`dgss.models.inference.run_inference`)."""
+        return run_inference(self.whole_inference, self.slide_inference, images, self.eval_cfg, out_size)
 
     @torch.no_grad()
     def segment(self, images: torch.Tensor, out_size: Optional[Sequence[int]] = None) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 
 from ..config import ConfigError, ExperimentConfig
 from ..models.backbones import build_backbone
+from ..models.geco import GeCoLoss
 from ..models.heads import build_head
 from ..models.segmentor import Segmentor
 from . import build_method
@@ -43,4 +44,5 @@ def build_segmentor(cfg: ExperimentConfig) -> Segmentor:
     if supplies_queries and not getattr(head, "accepts_queries", False):
         warnings.warn(f"method '{method.name}' supplies head queries but the '{model.head.type}' head does not "
                       "use them; the method's query parameters will get no gradient", stacklevel=2)
-    return Segmentor(backbone, method, head, num_classes=model.head.num_classes, eval_cfg=cfg.eval)
+    geco = GeCoLoss(cfg.loss.geco) if cfg.loss.geco.enabled else None  # any method: cfg.loss is not the method's
+    return Segmentor(backbone, method, head, num_classes=model.head.num_classes, eval_cfg=cfg.eval, geco=geco)
