@@ -20,6 +20,11 @@ published config of that method for the same protocol when there is one (``confi
 next to the protocol's folder, e.g. ``configs/rein/dinov2-l_gtav_512.yaml``), else the protocol config
 with ``method.name=<method>`` and the run named ``<method>_<protocol>``. Overrides apply to all.
 
+Where a run is found: its own folder (``output_dir/name``) when that holds results, a model or
+checkpoints; else any other run folder of ``output_dir`` whose recorded ``config.yaml`` is the same
+experiment (:func:`find_recorded_run`), e.g. one made by ``dgss train PROTOCOL method.name=lora``, which
+keeps the protocol's run name, or by ``dgss train ... name=my_lora``.
+
 The table: method, trainable backbone parameters in millions (``method.num_trainable_backbone_parameters()``
 of the model the run's config builds, on the meta device: computed, never typed), mIoU per target
 dataset and their mean (from the runs' ``results.json``), written as Markdown, CSV and a bar chart.
@@ -37,8 +42,9 @@ from typing import Optional, Sequence
 
 from .config import NON_EXPERIMENT_KEYS, ExperimentConfig, config_differences, from_dict, load_config, to_dict
 
-__all__ = ["MethodRun", "StaleRunError", "resolve_runs", "check_existing_run", "trainable_backbone_parameters",
-           "collect_or_run", "compare", "format_markdown_table", "write_csv", "plot_bars"]
+__all__ = ["MethodRun", "StaleRunError", "resolve_runs", "find_recorded_run", "check_existing_run",
+           "trainable_backbone_parameters", "collect_or_run", "compare", "format_markdown_table", "write_csv",
+           "plot_bars"]
 
 
 class StaleRunError(ValueError):
@@ -86,6 +92,11 @@ def resolve_runs(config: str | os.PathLike, methods: Sequence[str], overrides: S
         else:
             cfg = load_config(config, [*overrides, f"method.name={entry}", f"name={entry}_{_protocol_name(protocol)}"])
         runs.append(MethodRun(entry, cfg))
+    for run in runs:
+        if not _made_outputs(run):
+            found = find_recorded_run(run.cfg, exclude=[r.cfg.name for r in runs])
+            if found is not None:
+                run.cfg.name = found.name
     names = [r.cfg.name for r in runs]
     if len(set(names)) != len(names):
         raise ValueError(f"two methods resolve to the same run name: {names}")
@@ -123,11 +134,40 @@ def _run_config(run: MethodRun) -> ExperimentConfig:
     return run.cfg
 
 
+def find_recorded_run(cfg: ExperimentConfig, exclude: Sequence[str] = ()) -> Optional[Path]:
+    """The run folder of ``cfg.output_dir`` (other than the names in ``exclude``) whose recorded
+    ``config.yaml`` is ``cfg``'s experiment (every key but :data:`~dgss.config.NON_EXPERIMENT_KEYS` equal)
+    and that holds results, a model or checkpoints; the most finished one (results, then a final model,
+    then checkpoints; by name among equals). None when there is none."""
+    import yaml
+
+    requested = to_dict(cfg)
+    found = []
+    for saved in sorted(Path(cfg.output_dir).glob("*/config.yaml")):
+        folder = saved.parent
+        if folder.name in exclude:
+            continue
+        outputs = _outputs_of(folder)
+        if not outputs:
+            continue
+        try:
+            recorded = to_dict(from_dict(ExperimentConfig, yaml.safe_load(saved.read_text()) or {}, source=str(saved)))
+        except (ValueError, yaml.YAMLError):  # another tool's or an older schema's file: not this experiment
+            continue
+        if not config_differences(recorded, requested, ignore=NON_EXPERIMENT_KEYS):
+            rank = 0 if "eval/results.json" in outputs else 1 if len(outputs) > 1 or outputs[0] != "checkpoints/" else 2
+            found.append((rank, folder.name, folder))
+    return min(found)[2] if found else None
+
+
 def _made_outputs(run: MethodRun) -> list[str]:
     """What compare would reuse from ``run``'s folder: results, final model, checkpoints."""
+    return _outputs_of(run.cfg.run_dir)
+
+
+def _outputs_of(run_dir: Path) -> list[str]:
     from .engine.trainer import FINAL_MODEL_NAME
 
-    run_dir = run.cfg.run_dir
     found = [name for name in ("eval/results.json", FINAL_MODEL_NAME) if (run_dir / name).is_file()]
     checkpoints = run_dir / "checkpoints"
     if checkpoints.is_dir() and any(checkpoints.iterdir()):
