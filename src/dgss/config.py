@@ -39,6 +39,7 @@ __all__ = [
     "VQTConfig",
     "ChildTuneConfig",
     "SoMAConfig",
+    "FADAConfig",
     "EMAConfig",
     "DEFAULT_BACKBONE_LR_MULT",
     "DatasetConfig",
@@ -136,6 +137,26 @@ class ReinConfig:
 
 
 @dataclass
+class FADAConfig:
+    """FADA (Bi et al., NeurIPS 2024): Rein's tokens on a Haar wavelet split of the features
+    (dgss.tuning.fada). Defaults: the public code (github JingjunYi/FADA), config
+    configs/_base_/models/rein_dinov2_mask2former.py (lines 16-24) and rein/models/backbones/reins.py."""
+
+    num_tokens: int = 100  # M: token_length=100 (line 18), equals the number of Mask2Former queries
+    lora_rank: Optional[int] = 16  # r: lora_dim=16 (line 23, LoRAReins); None: plain tokens (Reins)
+    query_dim: int = 256  # Q: query_dims default (reins.py:19)
+    scale_init: float = 1e-3  # reins.py:23
+    lr_mult: float = 1.0  # as method.rein.lr_mult: the public config trains them at the head's lr
+    # how the wavelet sees the tokens. "public_code": the (N, B, C) features reshaped (not transposed) to
+    # B x C x h x w, as reins.py:149 does, which produced the published numbers; "paper": the spatial token
+    # map, each band's 2 x 2 cell spread back over its four tokens (dgss.tuning.fada)
+    layout: Literal["public_code", "paper"] = "public_code"
+    # the four Haar filters train in the public code (its train() marks every "reins" parameter
+    # trainable); false: the fixed Haar kernels of the paper
+    train_wavelet: bool = True
+
+
+@dataclass
 class FisherTuneConfig:
     """FisherTune (fishertune.md). Defaults are the ones that document lists; dgss.tuning.fishertune
     documents each choice where it is made."""
@@ -181,6 +202,12 @@ class FisherTuneConfig:
     # "dense" keeps every gradient and score at once (the reference; it also skips a pass with a
     # non-finite gradient under a finite loss, where "streamed" stops). Both select the same entries.
     estimate_memory: Literal["streamed", "dense"] = "streamed"
+    # Precision of the estimate's passes: "fp32" (with train.tf32's TF32 matmuls on a GPU), or "amp": the
+    # run's train.amp when it is bf16 (fp16 is never used: its squared gradients underflow). fp32 by
+    # default: on a tiny CPU model bf16 passes select 0.92-0.98 of fp32's entries (Jaccard), below the
+    # 0.99 the streamed estimate is held to (docs/speed.md); benchmarks/gpu_check.py's speed section
+    # measures the agreement and the time saved at DINOv2-L scale.
+    estimate_precision: Literal["fp32", "amp"] = "fp32"
     # A selection.safetensors that `dgss fisher` wrote for this config: stage 2 loads it instead of
     # estimating. Under train.parallel=fsdp it is required (the estimate needs the unsharded model: run
     # `dgss fisher` on one GPU large enough for it, `dgss plan` tells which, then train sharded)
@@ -299,7 +326,7 @@ DEFAULT_BACKBONE_LR_MULT = {"full": 0.1, "lp-ft": 0.1, "childtune-f": 0.1, "soma
 class MethodConfig:
     """Which tuning method adapts the backbone, and its options."""
 
-    # frozen | full | lp-ft | rein | fishertune | lora | vpt | adaptformer | vqt | childtune-f | childtune-d | soma
+    # frozen | full | lp-ft | rein | fishertune | lora | vpt | adaptformer | vqt | childtune-f | childtune-d | soma | fada
     name: str = "frozen"
     # lr multiplier of the pretrained backbone's trainable tensors and of the tensors that stand for
     # their updates (LoRA's and SoMA's factors, FisherTune's delta); null: the method's default
@@ -307,6 +334,7 @@ class MethodConfig:
     # config is built
     backbone_lr_mult: Optional[float] = None
     rein: ReinConfig = field(default_factory=ReinConfig)
+    fada: FADAConfig = field(default_factory=FADAConfig)
     fishertune: FisherTuneConfig = field(default_factory=FisherTuneConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     vpt: VPTConfig = field(default_factory=VPTConfig)

@@ -11,6 +11,8 @@ Kinds of checkpoint, recognised by their contents rather than their names:
 * a run folder (``RUN``: its final model, else its newest checkpoint) or a checkpoint folder.
 * an official Rein checkpoint (``.pth`` with ``backbone.reins.*`` and ``decode_head.*``): needs the
   experiment config it was trained with (``config``) and the backbone's weights file.
+* a FADA checkpoint of its public code (the same layout plus ``backbone.reins.wavepool.*`` and the
+  style branch's keys, :mod:`dgss.tuning.fada`): the same, with a FADA config.
 * a released SoMA checkpoint (``.pth`` with ``backbone.model.*.lora_A.weight``, :mod:`dgss.tuning.
   soma_checkpoint`): the same; built with ``method.soma.init: public_code`` and folded.
 * a plain state dict of a dgss segmentor (``.safetensors``/``.pth`` without metadata): needs ``config``.
@@ -43,7 +45,7 @@ class LoadedModel:
     model: torch.nn.Module  # a dgss.models.segmentor.Segmentor
     cfg: ExperimentConfig
     source: Path
-    kind: str  # "dgss" | "official-rein" | "official-soma" | "state-dict"
+    kind: str  # "dgss" | "official-rein" | "official-fada" | "official-soma" | "state-dict"
 
 
 def resolve_model_file(path: PathLike) -> Path:
@@ -166,15 +168,19 @@ def load_segmentor(path: PathLike, *, config: ConfigLike = None, overrides: Sequ
     else:
         state = _read_plain_state(source)
         if any(k.startswith(OFFICIAL_REIN_PREFIX) for k in state):
+            # FADA's public code is a fork of Rein's: its checkpoints have the same layout, more reins keys
+            is_fada = OFFICIAL_REIN_PREFIX + "wavepool.LL.weight" in state
+            method = "fada" if is_fada else "rein"
             cfg = _with_weights(_config_from(config, overrides, source), backbone_weights)
-            if cfg.method.name != "rein":
-                raise CheckpointError(f"{source} is an official Rein checkpoint but the config's method is "
-                                      f"'{cfg.method.name}': use a Rein config (method.name: rein)")
+            if cfg.method.name != method:
+                raise CheckpointError(f"{source} is an official {method.upper() if is_fada else 'Rein'} checkpoint "
+                                      f"but the config's method is '{cfg.method.name}': use a config with "
+                                      f"method.name: {method}")
             try:
                 model = segmentor_from_official_rein(cfg, {"state_dict": state})
             except (ReinCheckpointError, KeyError, RuntimeError) as err:
-                raise CheckpointError(f"{source} does not fit the Rein model of the config: {err}") from err
-            kind = "official-rein"
+                raise CheckpointError(f"{source} does not fit the {cfg.method.name} model of the config: {err}") from err
+            kind = f"official-{method}"
         elif is_official_soma_state(state):
             cfg = public_code_config_for(_with_weights(_config_from(config, overrides, source), backbone_weights),
                                          source)

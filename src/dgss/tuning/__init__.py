@@ -40,6 +40,7 @@ METHODS: dict[str, Callable] = {
     "childtune-f": _lazy(".childtune", "build_childtune_f"),
     "childtune-d": _lazy(".childtune", "build_childtune_d"),
     "soma": _lazy(".soma", "build_soma"),
+    "fada": _lazy(".fada", "build_fada"),
     "lp-ft": _lazy(".lpft", "build_lpft"),
 }
 
