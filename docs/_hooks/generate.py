@@ -50,22 +50,9 @@ def _md_cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
-def _option_name(action: argparse.Action) -> str:
-    if action.option_strings:
-        names = ", ".join(action.option_strings)
-        if action.nargs == 0:
-            return f"`{names}`"
-        metavar = action.metavar or (action.dest.upper() if action.choices is None
-                                     else "{" + ",".join(map(str, action.choices)) + "}")
-        if isinstance(metavar, tuple):
-            metavar = " ".join(metavar)
-        if action.nargs in ("*", "+"):
-            metavar += " ..."
-        elif isinstance(action.nargs, int) and action.nargs > 1:
-            metavar = " ".join([metavar] * action.nargs)
-        return f"`{names} {metavar}`"
-    name = action.metavar or action.dest
-    return f"`{name} ...`" if action.nargs in ("*", "+") else f"`{name}`"
+def _option_name(formatter: argparse.HelpFormatter, action: argparse.Action) -> str:
+    """The argument as the help's option list writes it (``-o, --out DIR``, ``--size H W``)."""
+    return f"`{formatter._format_action_invocation(action)}`"
 
 
 def _default(action: argparse.Action) -> str:
@@ -94,7 +81,7 @@ def command_page(name: str, parser: argparse.ArgumentParser) -> str:
         lines += [f"## {title}", "", "| argument | default | what it does |", "|---|---|---|"]
         for action in group:
             help_text = formatter._expand_help(action) if action.help else ""
-            lines.append(f"| {_option_name(action)} | {_default(action)} | {_md_cell(help_text)} |")
+            lines.append(f"| {_option_name(formatter, action)} | {_default(action)} | {_md_cell(help_text)} |")
         lines.append("")
     if parser.epilog:
         epilog_formatter = _formatter(parser)
