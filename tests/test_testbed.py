@@ -54,8 +54,8 @@ def test_the_pool_never_holds_night_and_its_scenes_are_no_benchmark_split():
 def test_pool_version_2_adds_dim_scenes_but_never_nights_look():
     assert tuple(pool_weights(1)) == POOL_FAMILIES and pool_weights() == pool_weights(1)  # 1: the default
     assert set(pool_weights(2)) == set(POOL_FAMILIES) | {"dark"} and not any(f.startswith("night") for f in pool_weights(2))
-    with pytest.raises(ValueError, match="unknown pool version 3"):
-        pool_family(0, 3)
+    with pytest.raises(ValueError, match="unknown pool version 4"):
+        pool_family(0, 4)
     rng = np.random.default_rng(1)
     for family in pool_weights(2):  # no style is night's (no blue ambient light, no lamps, no lit windows)
         for _ in range(20):

@@ -60,6 +60,14 @@ class DomainStyle:
     colour_shift: bool = False
     hue_angle: tuple[float, float] = (0.55 * np.pi, 1.45 * np.pi)  # radians of the colour shift's hue rotation
     blur: float = 0.0  # Gaussian blur sigma in pixels (defocus), before the sensor noise
+    # snow: the DG testbed's unseen look (no pretraining pool renders it). Snow settles on the ground
+    # surfaces (road, sidewalk, vegetation, terrain) in patches of ``snow_cover`` coverage, an overcast
+    # haze pulls every colour towards white by ``snow_haze``, and ``snowfall`` of the pixels are flakes.
+    # Labels are unchanged: a snowed-over road is still road (ACDC's snow labels are so).
+    snow: bool = False
+    snow_cover: tuple[float, float] = (0.3, 0.5)
+    snow_haze: tuple[float, float] = (0.1, 0.2)
+    snowfall: tuple[float, float] = (0.002, 0.004)
 
 
 DOMAIN_STYLES: dict[str, DomainStyle] = {
@@ -98,10 +106,18 @@ SEVERITY_STYLES: dict[str, DomainStyle] = {
     # streets (docs/dg_benchmark.md, "Wide nights")
     "night-w1": DomainStyle(grain=6.0, exposure=(0.15, 0.55), night=True),
     "night-w2": DomainStyle(grain=8.0, exposure=(0.06, 0.30), night=True),
+    # the unseen look (pool version 3 renders every other look; snow never): appended, so every style above
+    # keeps its index and its images
+    "snow-1": DomainStyle(grain=3.0, exposure=(0.95, 1.1), snow=True),
+    "snow-2": DomainStyle(grain=4.0, exposure=(0.9, 1.05), snow=True, snow_cover=(0.6, 0.9), snow_haze=(0.25, 0.4),
+                          snowfall=(0.006, 0.01)),
 }
 _ALL_STYLES: dict[str, DomainStyle] = {**DOMAIN_STYLES, **SEVERITY_STYLES}
 _STYLE_INDEX = {name: i for i, name in enumerate(DOMAINS)} | {name: 100 + i for i, name in enumerate(SEVERITY_STYLES)}
 ALL_DOMAINS: tuple[str, ...] = tuple(_ALL_STYLES)
+
+# where snow settles (train ids): road, sidewalk, vegetation, terrain
+_SNOW_GROUND = np.array([0, 1, 8, 9], np.uint8)
 
 # Per-class strength of the coarse (blotches, stains) and fine (grain, leaves) textures.
 _COARSE = np.array([0.10, 0.12, 0.18, 0.15, 0.12, 0.06, 0.03, 0.03, 0.30, 0.28, 0.10, 0.08, 0.08,
@@ -224,6 +240,19 @@ def _render(scene: Scene, style: DomainStyle, rng: np.random.Generator) -> np.nd
         image *= (0.7 - 0.15 * (label == ROAD)).astype(np.float32)  # wet asphalt is darker
         image += grey
         image += fields.streaks[window] * np.float32(rng.uniform(*style.rain_strength))
+    if style.snow:
+        # every draw is made here, after the other effects', so the styles without snow keep their images
+        cover = np.float32(rng.uniform(*style.snow_cover))
+        level = np.float32(rng.uniform(215, 245))
+        ground = np.isin(label, _SNOW_GROUND)
+        settled = np.clip(cover + 1.5 * fields.coarse[window], 0, 1) * ground  # patchy: tracks, bare spots
+        white = level * np.float32([0.97, 0.99, 1.0])[:, None, None]
+        image += (white - image) * settled
+        haze = np.float32(rng.uniform(*style.snow_haze))
+        image = image * (1 - haze) + white * haze
+        flakes = int(rng.uniform(*style.snowfall) * h * w)
+        ys, xs = rng.integers(0, h, flakes), rng.integers(0, w, flakes)
+        image[:, ys, xs] = np.float32(min(level + 10.0, 255.0))
     if style.colour_shift:
         matrix = _hue_rotation(rng.uniform(*style.hue_angle)) * rng.uniform(0.8, 1.2, 3)[:, None]
         image = (matrix.astype(np.float32) @ image.reshape(3, -1)).reshape(3, h, w)

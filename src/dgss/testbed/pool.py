@@ -38,6 +38,12 @@ remakeable bit for bit):
   that has never seen a dim image is less faithful than one that has. Version 1's foundation scored
   3-6 mIoU frozen on night-1, whatever the head (docs/dg_benchmark.md, "A pool with dim scenes").
   Every image of version 2 differs from version 1's (the family draw is renormalised).
+* **3**: version 2 plus the ``night`` family (night's look: blue ambient light, lamps, lit windows, car
+  lights, exposure ``NIGHT_EXPOSURE``): a web-scale pool holds night photographs, and the DG rule
+  concerns labels and target scenes, not looks. What version 3 never renders is **snow**
+  (``UNSEEN_FAMILIES``): the testbed's unseen look, a target column that measures generalization beyond
+  anything the foundation saw. :func:`pool_views` renders one pool scene in two looks (the image's own
+  family and a second one drawn from the same table), the two-look views of the SSL recipe.
 """
 
 from __future__ import annotations
@@ -52,8 +58,9 @@ from ..data.scene_layout import STREET, WIDE_ANGLE, LayoutStats, build_scene
 from ..data.synthetic import DomainStyle, _render
 
 __all__ = ["POOL_FAMILIES", "POOL_WEIGHTS", "POOL_VERSIONS", "DEFAULT_POOL_VERSION", "HELD_OUT_FAMILIES",
-           "POOL_SEED_OFFSET", "MIN_EXPOSURE", "MIN_BRIGHTNESS", "DARK_EXPOSURE", "POOL_SIZE", "pool_weights",
-           "pool_family", "pool_image", "pool_style"]
+           "UNSEEN_FAMILIES", "held_out_families", "POOL_SEED_OFFSET", "MIN_EXPOSURE", "MIN_BRIGHTNESS",
+           "DARK_EXPOSURE", "NIGHT_EXPOSURE", "POOL_SIZE", "pool_weights", "pool_family", "pool_image", "pool_views",
+           "pool_style"]
 
 POOL_SEED_OFFSET = 90_000_000  # scene seeds of the pool: disjoint from every benchmark split and the old pool
 POOL_SIZE = (128, 256)  # H, W of a pool image (the benchmark renders at the same size)
@@ -75,11 +82,13 @@ POOL_WEIGHTS: dict[str, float] = {
     "geometry": 0.10,  # other layout statistics under a randomised look
 }
 POOL_FAMILIES: tuple[str, ...] = tuple(POOL_WEIGHTS)  # version 1's
-HELD_OUT_FAMILIES: tuple[str, ...] = ("night",)
-POOL_VERSIONS = (1, 2)
+HELD_OUT_FAMILIES: tuple[str, ...] = ("night",)  # versions 1 and 2
+UNSEEN_FAMILIES: tuple[str, ...] = ("snow",)  # version 3 (and every version): no pool image is snowy
+POOL_VERSIONS = (1, 2, 3)
 DEFAULT_POOL_VERSION = 1
 DARK_EXPOSURE = (0.08, 0.45)  # version 2's dark family: the night targets' exposures (0.10-0.30) and around
-_WEIGHTS = {1: POOL_WEIGHTS, 2: {**POOL_WEIGHTS, "dark": 0.12}}
+NIGHT_EXPOSURE = (0.06, 0.6)  # version 3's night family: the night targets' 0.10-0.30 and far around them
+_WEIGHTS = {1: POOL_WEIGHTS, 2: {**POOL_WEIGHTS, "dark": 0.12}, 3: {**POOL_WEIGHTS, "dark": 0.12, "night": 0.12}}
 # per version: its families and their cumulative weights, the table pool_family draws from
 _DRAW = {v: (tuple(w), np.cumsum(list(w.values()))) for v, w in _WEIGHTS.items()}
 
@@ -89,6 +98,13 @@ def pool_weights(version: int = DEFAULT_POOL_VERSION) -> dict[str, float]:
     if version not in _WEIGHTS:
         raise ValueError(f"unknown pool version {version!r} (available: {', '.join(map(str, POOL_VERSIONS))})")
     return _WEIGHTS[version]
+
+
+def held_out_families(version: int = DEFAULT_POOL_VERSION) -> tuple[str, ...]:
+    """The look held out of ``version``'s pool (its manifest's ``held_out_families``): night's in versions 1
+    and 2 (snow did not exist then; no version renders it), snow's from version 3."""
+    pool_weights(version)
+    return UNSEEN_FAMILIES if version >= 3 else HELD_OUT_FAMILIES
 
 
 def pool_family(index: int, version: int = DEFAULT_POOL_VERSION) -> str:
@@ -136,6 +152,9 @@ def pool_style(rng: np.random.Generator, family: str) -> DomainStyle:
     elif family == "dark":  # dim light, a noisier sensor; night=False: no lamps, no lit windows, no blue
         low = rng.uniform(*DARK_EXPOSURE)
         style = dataclasses.replace(style, exposure=(low, low + 0.05), grain=rng.uniform(2.0, 10.0))
+    elif family == "night":  # version 3: night's look, at exposures from moonless to a lit avenue
+        low = rng.uniform(*NIGHT_EXPOSURE)
+        style = dataclasses.replace(style, night=True, exposure=(low, low + 0.05), grain=rng.uniform(3.0, 10.0))
     return style
 
 
@@ -159,21 +178,50 @@ def _post(image: np.ndarray, rng: np.random.Generator, family: str) -> np.ndarra
         x = (x - x.mean()) * contrast + x.mean()
     x = np.clip(x, 0, 255)
     mean = float(x.mean())
-    if mean < MIN_BRIGHTNESS and family != "dark":  # else never dark (a dark palette or rain at low exposure)
+    if mean < MIN_BRIGHTNESS and family not in ("dark", "night"):  # else never dark (a dark palette or rain at low exposure)
         x = np.clip(x * (MIN_BRIGHTNESS / max(mean, 1.0)), 0, 255)
     return x.astype(np.uint8)
 
 
-def pool_image(index: int, size=POOL_SIZE, version: int = DEFAULT_POOL_VERSION) -> np.ndarray:
-    """Pool image ``index``: H x W x 3 uint8, deterministic in (``index``, ``size``, ``version``); no label."""
-    family = pool_family(index, version)
+def _scene(index: int, size, family: str):
+    """The scene of pool image ``index`` and the generator its looks draw from next."""
     seed = POOL_SEED_OFFSET + index
     rng = np.random.default_rng([seed, 11])
     scene = build_scene(np.random.default_rng([seed, 0, 0]), (int(size[0]), int(size[1])), _layout(rng, family))
+    return scene, rng
+
+
+def _look(scene, family: str, rng: np.random.Generator, render_seed) -> np.ndarray:
+    """``scene`` rendered in ``family``'s look (H x W x 3 uint8); ``rng`` draws the look, ``render_seed``
+    seeds the renderer."""
     if family == "palette":  # recolour every surface: one random colour transform, then large per-row jitter
         matrix = rng.uniform(-0.4, 0.4, (3, 3)) + np.eye(3) * rng.uniform(0.4, 1.2)
         palette = scene.palette @ matrix.T.astype(np.float32) + rng.uniform(-30, 30, 3).astype(np.float32)
         palette += rng.uniform(-60, 60, palette.shape).astype(np.float32)
         scene.palette = np.clip(palette, 0, 255).astype(np.float32)
-    image = _render(scene, pool_style(rng, family), np.random.default_rng([seed, 12]))
+    image = _render(scene, pool_style(rng, family), np.random.default_rng(render_seed))
     return _post(image, rng, family)
+
+
+def pool_image(index: int, size=POOL_SIZE, version: int = DEFAULT_POOL_VERSION) -> np.ndarray:
+    """Pool image ``index``: H x W x 3 uint8, deterministic in (``index``, ``size``, ``version``); no label."""
+    family = pool_family(index, version)
+    scene, rng = _scene(index, size, family)
+    return _look(scene, family, rng, [POOL_SEED_OFFSET + index, 12])
+
+
+def pool_views(index: int, size=POOL_SIZE, version: int = DEFAULT_POOL_VERSION) -> tuple[np.ndarray, np.ndarray]:
+    """Pool image ``index`` (as :func:`pool_image` renders it) and the same scene in a second look: a
+    family drawn from the same table by another stream ("geometry", a layout family, renders as
+    "textured" there, since the scene's layout is already fixed). Two looks of one scene are the
+    two-look views of the SSL recipe: an unlabeled pair that shows which differences are appearance only.
+    """
+    first = pool_image(index, size, version)
+    family = pool_family(index, version)
+    scene, _ = _scene(index, size, family)
+    families, cumulative = _DRAW[version]
+    u = np.random.default_rng([POOL_SEED_OFFSET + index, 13]).random() * cumulative[-1]
+    second = families[int(np.searchsorted(cumulative, u, side="right"))]
+    second = "textured" if second == "geometry" else second
+    rng = np.random.default_rng([POOL_SEED_OFFSET + index, 14])
+    return first, _look(scene, second, rng, [POOL_SEED_OFFSET + index, 15])

@@ -280,14 +280,20 @@ _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
-def multi_crop(images: torch.Tensor, recipe: SSLRecipe, generator: torch.Generator):
+def multi_crop(images: torch.Tensor, recipe: SSLRecipe, generator: torch.Generator,
+               second_look: torch.Tensor | None = None):
     """B x 3 x H x W uint8 -> (2B x 3 x G x G global views, view 1 of every image then view 2;
-    LB x 3 x l x l local views or None), normalised with ImageNet's mean and std as dgss's data are."""
+    LB x 3 x l x l local views or None), normalised with ImageNet's mean and std as dgss's data are.
+
+    ``second_look`` (B x 3 x H x W uint8, the same scenes in another look: ``dgss.testbed.pool.pool_views``):
+    global view 2 and every other local view are cut from it, so the teacher's target for a view of one
+    look is a view of the other."""
     x = images.float() / 255.0
+    y = x if second_look is None else second_look.float() / 255.0
     globals_ = [torch.stack([_view(img, recipe.global_size, recipe.global_scale, recipe.blur_prob[v], recipe,
-                                   generator) for img in x]) for v in range(2)]
+                                   generator) for img in (x if v == 0 else y)]) for v in range(2)]
     locals_ = [torch.stack([_view(img, recipe.local_size, recipe.local_scale, recipe.blur_prob[2], recipe,
-                                  generator) for img in x]) for _ in range(recipe.local_crops)]
+                                  generator) for img in (x if i % 2 == 0 else y)]) for i in range(recipe.local_crops)]
     g = (torch.cat(globals_) - _MEAN) / _STD
     loc = (torch.cat(locals_) - _MEAN) / _STD if locals_ else None
     return g, loc

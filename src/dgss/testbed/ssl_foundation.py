@@ -33,7 +33,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .pool import HELD_OUT_FAMILIES, POOL_SEED_OFFSET, POOL_SIZE, pool_image, pool_weights
+from .pool import POOL_SEED_OFFSET, POOL_SIZE, held_out_families, pool_image, pool_views, pool_weights
 from .ssl import SelfDistillation, SSLRecipe, multi_crop, random_patch_masks
 
 __all__ = ["SSL_FOUNDATION", "PRETRAIN_SSL", "SHIPPED_POOL_VERSION", "SSL_FOUNDATION_FILE", "SSL_MANIFEST_FILE", "MONITOR_DOMAINS",
@@ -95,6 +95,12 @@ def _recipe(overrides: dict) -> tuple[dict, SSLRecipe]:
         recipe.pop("pool_version", None)
     else:
         pool_weights(recipe["pool_version"])  # a clear error for an unknown version
+    # "views": "one_look" (two crops of one image, DINO's) is the implicit default, recorded only when
+    # "two_looks" (the two global views from two looks of one scene, dgss.testbed.pool.pool_views) is chosen
+    if recipe.get("views", "one_look") == "one_look":
+        recipe.pop("views", None)
+    elif recipe["views"] != "two_looks":
+        raise ValueError(f"unknown views {recipe['views']!r} of the SSL recipe (one_look | two_looks)")
     ssl = {**PRETRAIN_SSL["ssl"], **overrides.get("ssl", {})}
     recipe["ssl"] = ssl
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in ssl.items()}
@@ -117,6 +123,14 @@ def _batch(it: int, batch_size: int, pool_version: int = 1) -> torch.Tensor:
     """Pool images of iteration ``it``: B x 3 x H x W uint8 (each pool image is used once)."""
     images = [pool_image(it * batch_size + j, POOL_SIZE, pool_version) for j in range(batch_size)]
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def _two_look_batch(it: int, batch_size: int, pool_version: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scenes of iteration ``it`` in their own look and in a second one: two B x 3 x H x W uint8."""
+    pairs = [pool_views(it * batch_size + j, POOL_SIZE, pool_version) for j in range(batch_size)]
+    first, second = (torch.from_numpy(np.stack([p[k] for p in pairs])).permute(0, 3, 1, 2).contiguous()
+                     for k in (0, 1))
+    return first, second
 
 
 def _monitor_set(domain: str, n: int, first: int):
@@ -186,22 +200,30 @@ def dense_knn_probe(vit, *, bank_images: int = 16, query_images: int = 8, k: int
     return scores
 
 
-def _save_checkpoint(path: Path, it: int, objective: SelfDistillation, optimizer, history: list) -> None:
+def _save_checkpoint(path: Path, it: int, objective: SelfDistillation, optimizer, history: list, recipe: dict) -> None:
     from ..fileio import atomic_write
 
     state = {"iteration": it, "objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
-             "history": json.dumps(history)}
+             "history": json.dumps(history), "recipe": json.dumps(recipe, sort_keys=True)}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def pretrain_ssl_foundation(out: str | os.PathLike, *, iters: Optional[int] = None, device: str = "cpu",
                             checkpoint: Optional[str | os.PathLike] = None, checkpoint_every: int = 100,
                             monitor_every: int = 500, progress: bool = True, overrides: Optional[dict] = None,
-                            manifest: Optional[str | os.PathLike] = None, log=print, log_every: int = 0) -> Path:
+                            manifest: Optional[str | os.PathLike] = None, log=print, log_every: int = 0,
+                            stop_at: Optional[int] = None, time_limit: Optional[float] = None) -> Optional[Path]:
     """Pretrain the label-free foundation ViT (``PRETRAIN_SSL`` on the pool of ``SHIPPED_POOL_VERSION``,
     updated by ``overrides``, e.g. ``{"pool_version": 1}``; ``iters`` overrides the length) and write its backbone to ``out`` (safetensors, timm layout) and the manifest
     beside it (``manifest``, default ``out`` with ``.json``). ``checkpoint``: a file written every
-    ``checkpoint_every`` iterations and resumed from when it exists (bit-exact)."""
+    ``checkpoint_every`` iterations and resumed from when it exists (bit-exact).
+
+    A long run goes in chunks (a device call, a CPU session): ``stop_at`` (an iteration) or ``time_limit``
+    (seconds of this call) ends the chunk early, with the state written to ``checkpoint`` (required then);
+    the function returns None, and the same call resumes it. The schedule is the whole run's, so a run in
+    chunks equals an uninterrupted one."""
+    if (stop_at is not None or time_limit is not None) and checkpoint is None:
+        raise ValueError("a chunked pretraining run (stop_at or time_limit) needs a checkpoint file to resume from")
     from tqdm import tqdm
 
     from ..fileio import atomic_write, file_sha256, save_safetensors
@@ -227,6 +249,9 @@ def pretrain_ssl_foundation(out: str | os.PathLike, *, iters: Optional[int] = No
     ckpt = Path(checkpoint) if checkpoint else None
     if ckpt is not None and ckpt.is_file():
         state = torch.load(ckpt, map_location=device, weights_only=True)
+        saved = state.get("recipe")  # a state of another recipe would resume a different run
+        if saved is not None and json.loads(saved) != json.loads(json.dumps(recipe)):
+            raise ValueError(f"{ckpt} is the state of another pretraining recipe; remove it or use its recipe")
         objective.load_state_dict(state["objective"])
         optimizer.load_state_dict(state["optimizer"])
         start_it, history = int(state["iteration"]), json.loads(state["history"])
@@ -241,7 +266,11 @@ def pretrain_ssl_foundation(out: str | os.PathLike, *, iters: Optional[int] = No
         for group in optimizer.param_groups:
             group["lr"] = lr
         generator = torch.Generator().manual_seed(recipe["seed"] * 1_000_003 + it)
-        global_views, local_views = multi_crop(_batch(it, recipe["batch_size"], pool_version), ssl, generator)
+        if recipe.get("views") == "two_looks":
+            first, second = _two_look_batch(it, recipe["batch_size"], pool_version)
+            global_views, local_views = multi_crop(first, ssl, generator, second_look=second)
+        else:
+            global_views, local_views = multi_crop(_batch(it, recipe["batch_size"], pool_version), ssl, generator)
         masks = random_patch_masks(global_views.shape[0], grid, ssl, generator)
         objective.freeze_last_layer(it < ssl.freeze_last_layer_iters)
         loss, logs = objective(global_views.to(device), None if local_views is None else local_views.to(device),
@@ -263,8 +292,15 @@ def pretrain_ssl_foundation(out: str | os.PathLike, *, iters: Optional[int] = No
             history.append({"iteration": done, **{k: round(v, 4) for k, v in logs.items()},
                             **{f"knn_{d}": round(v, 2) for d, v in probe.items()}})
             log(f"iteration {done}: " + ", ".join(f"{k} {v}" for k, v in history[-1].items() if k != "iteration"))
-        if ckpt is not None and (done % checkpoint_every == 0) and done < recipe["iters"]:
-            _save_checkpoint(ckpt, done, objective, optimizer, history)
+        chunk_over = done < recipe["iters"] and ((stop_at is not None and done >= stop_at) or
+                                                 (time_limit is not None and time.time() - started >= time_limit))
+        if ckpt is not None and (done % checkpoint_every == 0 or chunk_over) and done < recipe["iters"]:
+            _save_checkpoint(ckpt, done, objective, optimizer, history, recipe)
+        if chunk_over:
+            bar.close()
+            log(f"pretraining chunk ends at iteration {done} of {recipe['iters']} "
+                f"({done * recipe['batch_size']:,} images seen); the same command resumes from {ckpt}")
+            return None
     out = Path(out)
     vit = objective.student["vit"]
     state = {k: v.detach().cpu().contiguous() for k, v in vit.state_dict().items()}
@@ -278,7 +314,7 @@ def pretrain_ssl_foundation(out: str | os.PathLike, *, iters: Optional[int] = No
             if ssl.objective == "dino_ibot" else "DINO self-distillation on the class token",
             "labels_used": False, "architecture": SSL_FOUNDATION, "recipe": recipe,
             "pool": {"version": pool_version, "families": pool_weights(pool_version),
-                     "held_out_families": list(HELD_OUT_FAMILIES),
+                     "held_out_families": list(held_out_families(pool_version)),
                      "scene_seeds_from": POOL_SEED_OFFSET, "images_seen": recipe["iters"] * recipe["batch_size"],
                      "image_size": list(POOL_SIZE)},
             "command": command, "device": device,
