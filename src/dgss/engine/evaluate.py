@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from ..config import DatasetConfig, ExperimentConfig
 from ..data import build_eval_loader
+from ..precision import apply_tf32
 from .distributed import DistContext
 from .metrics import ConfusionMatrix
 
@@ -58,6 +59,7 @@ def evaluate_dataset(model, ds_cfg: DatasetConfig, cfg: ExperimentConfig, ctx: D
     evaluates its share of the images; the confusion matrices are summed over processes. ``progress``:
     a tqdm bar of the images on the main process (``dgss eval`` follows ``train.progress_bar``)."""
     loader = build_eval_loader(ds_cfg, cfg.data, rank=ctx.rank, world_size=ctx.world_size, num_workers=num_workers)
+    apply_tf32(cfg.train.tf32, ctx.device)  # train.tf32 holds for evaluation too (issue 38)
     dataset = loader.dataset
     was_training = model.training
     model.eval()

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["build_optimizer", "AdamWWithSGDGroups", "optimizer_state_by_name", "load_optimizer_state_by_name"]
+__all__ = ["build_optimizer", "adamw_implementation", "AdamWWithSGDGroups", "optimizer_state_by_name", "load_optimizer_state_by_name"]
 
 # group options that come from the config, not from the checkpoint
 _GROUP_OPTIONS = ("lr", "initial_lr", "weight_decay", "betas", "params")
@@ -96,7 +96,20 @@ def build_optimizer(model: nn.Module, train_cfg, backbone_lr_mult: float) -> tor
     for group in groups:
         group["initial_lr"] = group["lr"]
     optimizer = AdamWWithSGDGroups if any(g.get("sgd") for g in groups) else torch.optim.AdamW
-    return optimizer(groups, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, betas=tuple(train_cfg.betas))
+    return optimizer(groups, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, betas=tuple(train_cfg.betas),
+                     **adamw_implementation(groups, getattr(train_cfg, "fused_adamw", False)))
+
+
+def adamw_implementation(groups: list[dict], fused: bool) -> dict:
+    """AdamW's keyword for its implementation (``train.fused_adamw``): ``fused=True`` when every tensor is
+    a plain CUDA floating-point tensor (one kernel for all of them), else ``foreach=True``; ``{}`` (torch's
+    own choice: foreach on CUDA, a per-tensor loop on a CPU) when ``fused`` is false. Sharded (FSDP's
+    DTensor) parameters take foreach: fused is kept to the case the GPU check measured."""
+    if not fused:
+        return {}
+    params = [p for g in groups for p in g["params"]]
+    plain_cuda = all(type(p.data) is torch.Tensor and p.is_cuda and p.is_floating_point() for p in params)
+    return {"fused": True} if params and plain_cuda else {"foreach": True}
 
 
 def _names(model: nn.Module) -> dict[int, str]:
@@ -123,8 +136,10 @@ def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, model: nn.Mod
         for param in group["params"]:
             values = pending.pop(names[id(param)], None)
             if values is not None:
+                # AdamW keeps "step" on the CPU unless capturable/fused; moments live with the parameter
+                on_device = bool(group.get("fused") or group.get("capturable"))
                 optimizer.state[param] = {
-                    # AdamW keeps "step" on the CPU unless capturable/fused; moments live with the parameter
-                    k: (v.to(param.device) if torch.is_tensor(v) and k != "step" else v) for k, v in values.items()
+                    k: (v.to(param.device) if torch.is_tensor(v) and (k != "step" or on_device) else v)
+                    for k, v in values.items()
                 }
     return pending

@@ -54,6 +54,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config import NON_EXPERIMENT_KEYS, ExperimentConfig, config_differences, save_config, to_dict
 from ..data import build_train_loader
 from ..fileio import remove_stale_temp_files
+from ..precision import apply_tf32, describe_precision
 from ..tuning.model import build_segmentor
 from . import checkpoint as ckpt
 from . import fsdp
@@ -163,6 +164,7 @@ class Trainer:
         if train.amp != "none" and self.amp == "none":
             warnings.warn(f"train.amp={train.amp} applies on a GPU only; training in fp32 on the CPU", stacklevel=2)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
+        apply_tf32(train.tf32, self.device)  # training, its evaluations and a method's own passes
         self.last_checkpoint: Optional[Path] = None
         self.preemption = PreemptionWatch()  # records SIGTERM/SIGUSR1 while train() runs
         # nan_policy skip: optimizer steps skipped in the whole run, and in a row now (both resume)
@@ -570,6 +572,7 @@ class Trainer:
         log.info(f"run: {self.run_dir} | {self.world_size} process(es) on {self.device.type} | batch "
                  f"{train.batch_size} x {self.world_size} process(es) x {train.grad_accum} accumulation = {effective}")
         log.info(format_trainable_parameters(self.model.method, self.model.head))
+        log.info(describe_precision(self.amp, self.device))
         if self.ema is not None:
             log.info(f"weight EMA: momentum {self.ema.momentum:g} from iteration {max(self.ema.begin_iter, 1)}, "
                      f"{len(self.ema.averages)} tensors, {self.ema.nbytes / 2**20:.1f} MiB")

@@ -69,6 +69,7 @@ import torch.distributed as dist
 
 from .fisher import (all_reduce_count, all_reduce_sums, batch_size_of, is_distributed, reduced_copy,
                      squared_gradient_sums)
+from .quantile import large_quantile, streamed_quantile
 
 __all__ = [
     "shift_weight",
@@ -96,21 +97,6 @@ def shift_weight(eps_mu: float, eps_sigma: float) -> float:
 def relative_change(a: torch.Tensor, b: torch.Tensor, floor: float | torch.Tensor = 0.0) -> torch.Tensor:
     """|a - b| / (min(a, b) + floor), element-wise: how much a Fisher (or precision) changes under the shift."""
     return (a - b).abs() / (torch.minimum(a, b) + floor)
-
-
-def large_quantile(values: torch.Tensor, q: float) -> float:
-    """torch.quantile's linear-interpolation quantile of a flat tensor of any size (torch.quantile
-    refuses more than 2^24 elements; DINOv2-L has 304M eligible entries)."""
-    flat = values.reshape(-1)
-    if flat.numel() == 0:
-        raise ValueError("quantile of an empty tensor")
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"quantile must be in [0, 1], got {q}")
-    position = q * (flat.numel() - 1)
-    low, high = math.floor(position), math.ceil(position)
-    low_value = flat.kthvalue(low + 1).values.double()
-    high_value = low_value if high == low else flat.kthvalue(high + 1).values.double()
-    return float(low_value + (high_value - low_value) * (position - low))
 
 
 def _flat(scores: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -325,9 +311,7 @@ class DomainRelatedFisher:
         def overall():
             if all(positive(n).numel() == 0 for n in sums):
                 raise FloatingPointError("FisherTune: every eligible entry has a zero Fisher (no gradient reaches them)")
-            if self.options.streamed:  # the same quantile without concatenating every entry (.streaming)
-                from .streaming import streamed_quantile
-
+            if self.options.streamed:  # the same quantile without concatenating every entry (.quantile)
                 return streamed_quantile(lambda: (positive(n) for n in sums), q)
             return large_quantile(torch.cat([positive(n) for n in sums]), q)
 

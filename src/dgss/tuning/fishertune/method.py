@@ -71,6 +71,10 @@ class FisherTune(TuningMethod):
         self.last_scores: Optional[dict[str, torch.Tensor]] = None
         self.last_estimate: Optional[FisherEstimate] = None
         self.estimation_passes = 0
+        # the autocast dtype of the estimate's passes (issue 38), None: fp32. estimate_and_select sets bf16
+        # when method.fishertune.estimate_precision is "amp" and the trainer trains in bf16 (never fp16:
+        # without a loss scale squared fp16 gradients underflow). The squares are summed in fp32 either way.
+        self.estimate_autocast: Optional[torch.dtype] = None
         self._counts: list[int] = []
         self._is_selected = False
         self._suspended = False
@@ -209,9 +213,15 @@ class FisherTune(TuningMethod):
             raise ValueError("FisherTune's estimate (stage 2) needs the unsharded model and does not run under "
                              "train.parallel=fsdp: write the selection with `dgss fisher CONFIG` on one GPU (`dgss plan` "
                              "gives its memory) and set method.fishertune.selection_file=OUT/selection.safetensors")
+        self.estimate_autocast = self.estimate_dtype(getattr(trainer, "amp", "none"))
         scores = self.estimate(trainer.model, _batches(trainer), seed=cfg_seed(trainer),
                                progress=_progress_bar(trainer, self.cfg.num_batches))
         self.select(scores, seed=cfg_seed(trainer))
+
+    def estimate_dtype(self, amp: str) -> Optional[torch.dtype]:
+        """The estimate's autocast dtype for a run trained with ``train.amp=amp``: bf16 only when
+        ``estimate_precision`` is "amp" and the run trains in bf16; None (fp32) otherwise."""
+        return torch.bfloat16 if amp == "bf16" and self.cfg.estimate_precision == "amp" else None
 
     def drfim_options(self) -> DRFIMOptions:
         cfg = self.cfg
@@ -267,12 +277,16 @@ class FisherTune(TuningMethod):
         ``params`` (names in ``backbone.model``), on x or on x' (z drawn from ``shift_generator``)."""
         prefix = "backbone.model."
 
+        dtype = self.estimate_autocast
+
         def forward_loss(params, batch, shifted):
             from torch.func import functional_call
 
             full = {prefix + name: value for name, value in params.items()}
             context = self.shift.active(shift_generator) if shifted else contextlib.nullcontext()
-            with context:
+            precision = (torch.autocast(batch["image"].device.type, dtype=dtype) if dtype is not None
+                         else contextlib.nullcontext())
+            with context, precision:
                 return functional_call(segmentor, full, (batch["image"], batch["label"]))["loss"]
 
         return forward_loss

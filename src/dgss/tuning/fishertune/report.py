@@ -296,6 +296,8 @@ class _HeadWarmupTrainer:
     def __init__(self, cfg, model, loader, device):
         self.cfg, self.model, self.loader, self.device = cfg, model, loader, device
         self.total_iters, self.rank, self.world_size = cfg.train.iters, 0, 1
+        # the estimate's passes take the run's autocast, as in training (a CPU runs fp32)
+        self.amp = cfg.train.amp if torch.device(device).type == "cuda" else "none"
 
     def next_batch(self) -> dict:
         batch = next(self.loader)
@@ -312,12 +314,14 @@ def run_fisher(cfg, *, device: Optional[str] = None, out_dir=None, stability: bo
     from tqdm import tqdm
 
     from ...data.loader import build_train_loader
+    from ...precision import apply_tf32
     from ..model import build_segmentor
     from .method import FisherTune
 
     if cfg.method.name != "fishertune":
         raise ValueError(f"dgss fisher needs method.name: fishertune, got '{cfg.method.name}'")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    apply_tf32(cfg.train.tf32, device)  # the estimate's passes under the run's precision settings
     torch.manual_seed(cfg.train.seed)
     model = build_segmentor(cfg).to(device)
     method: FisherTune = model.method

@@ -17,13 +17,13 @@ instead of a float32 one. Both are far below the Jaccard 0.99 tests/test_fishert
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
 from .drfim import DRFIMOptions, FisherEstimate, SCORE_MODES, relative_change, shift_weight
+from .quantile import streamed_quantile  # noqa: F401  (re-exported: its home before issue 38)
 from .selection import Selection, group_by_tensor
 
 __all__ = ["RunningTopK", "TensorScores", "ScoreList", "streamed_top_entries", "streamed_quantile"]
@@ -81,31 +81,6 @@ def _threshold_unit(tensors: Iterator[torch.Tensor], total: int, fraction: float
     if not value > 0:
         value = running / total
     return value if value > 0 else 1.0
-
-
-def streamed_quantile(tensors: Callable[[], Iterator[torch.Tensor]], q: float) -> float:
-    """:func:`~.drfim.large_quantile` of the concatenation of positive float tensors, without it: the two
-    order statistics it interpolates are found by bisection on the float32 bit patterns (monotonic for
-    positive floats), counting tensor by tensor. ``tensors()`` yields the tensors anew for every pass
-    (about 31 passes); the result is the same number."""
-    total = sum(t.numel() for t in tensors())
-    if total == 0:
-        raise ValueError("quantile of an empty tensor")
-    position = q * (total - 1)
-
-    def count_at_most(bits: int) -> int:
-        return sum(int((t.reshape(-1).float().view(torch.int32) <= bits).sum()) for t in tensors())
-
-    lower = math.floor(position)
-    low, high = 0, 0x7F800000  # bit patterns of 0.0 and +inf: the (lower + 1)-th smallest by bisection
-    while low < high:
-        mid = (low + high) // 2
-        low, high = (low, mid) if count_at_most(mid) >= lower + 1 else (mid + 1, high)
-    low_value = float(torch.tensor(low, dtype=torch.int32).view(torch.float32))
-    high_value = low_value
-    if math.ceil(position) != lower and count_at_most(low) < lower + 2:  # the next one is larger: the least above
-        high_value = min(float(t[t > low_value].min()) for t in tensors() if bool((t > low_value).any()))
-    return float(torch.tensor(low_value, dtype=torch.float64) + (high_value - low_value) * (position - lower))
 
 
 class TensorScores(Mapping):
