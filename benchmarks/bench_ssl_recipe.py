@@ -28,6 +28,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--monitor-every", type=int, default=250)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, default=0, help="processes that render and crop ahead (GPU: 12+)")
+    parser.add_argument("--stop-at", type=int, help="end this chunk at this iteration (state kept in OUT/state.pt)")
+    parser.add_argument("--time-limit", type=float, help="end this chunk after this many seconds")
     args = parser.parse_args()
     overrides = {"pool_version": args.pool_version, "views": args.views, "ssl": {"objective": args.objective}}
     overrides.update({k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None})
@@ -35,7 +38,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = pretrain_ssl_foundation(out / "foundation.safetensors", iters=args.iters, device=args.device,
                                    checkpoint=out / "state.pt", monitor_every=args.monitor_every, progress=False,
-                                   overrides=overrides, log_every=50)
+                                   overrides=overrides, log_every=50, workers=args.workers, stop_at=args.stop_at,
+                                   time_limit=args.time_limit)
+    if path is None:
+        return  # a chunk ended; the same command resumes it
     manifest = json.loads(path.with_suffix(".json").read_text())
     for row in manifest["monitor"]:
         print(json.dumps({k: v for k, v in row.items() if k == "iteration" or k.startswith("knn_")}))

@@ -77,7 +77,7 @@ def test_two_look_views_cut_view_two_and_every_other_local_from_the_second_look(
     assert torch.allclose(level(loc), torch.tensor([40.0, 40, 220, 220]), atol=1)  # local 1 (B), local 2 (B)
 
 
-def test_a_run_in_chunks_equals_an_uninterrupted_one(tmp_path, tiny_ssl_architecture):
+def test_a_run_in_chunks_and_with_view_workers_equals_an_uninterrupted_one(tmp_path, tiny_ssl_architecture):
     from safetensors.torch import load_file
 
     extra = {"pool_version": 3, "views": "two_looks"}
@@ -89,7 +89,7 @@ def test_a_run_in_chunks_equals_an_uninterrupted_one(tmp_path, tiny_ssl_architec
     assert _pretrain(tmp_path, "chunked.safetensors", 4, overrides_extra=extra, checkpoint=state, stop_at=1) is None
     assert torch.load(state, weights_only=True)["iteration"] == 1
     assert _pretrain(tmp_path, "chunked.safetensors", 4, overrides_extra=extra, checkpoint=state, stop_at=3) is None
-    chunked = _pretrain(tmp_path, "chunked.safetensors", 4, overrides_extra=extra, checkpoint=state)
+    chunked = _pretrain(tmp_path, "chunked.safetensors", 4, overrides_extra=extra, checkpoint=state, workers=2)
     a, b = load_file(straight), load_file(chunked)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # a state of another recipe is refused, not resumed into a different run

@@ -133,6 +133,33 @@ def _two_look_batch(it: int, batch_size: int, pool_version: int) -> tuple[torch.
     return first, second
 
 
+class _ViewStream(torch.utils.data.Dataset):
+    """Iteration ``it`` -> (2B global views, LB local views or None, 2B x g x g iBOT masks). Every random
+    draw of an iteration comes from its own generator (seed, it), so the views are the same whether
+    they are made in this process or in DataLoader workers, in any number (``workers``)."""
+
+    def __init__(self, recipe: dict, ssl: SSLRecipe, pool_version: int, grid: int):
+        self.recipe, self.ssl, self.pool_version, self.grid = recipe, ssl, pool_version, grid
+
+    def __len__(self) -> int:
+        return int(self.recipe["iters"])
+
+    def __getitem__(self, it: int):
+        r = self.recipe
+        generator = torch.Generator().manual_seed(r["seed"] * 1_000_003 + it)
+        if r.get("views") == "two_looks":
+            first, second = _two_look_batch(it, r["batch_size"], self.pool_version)
+            global_views, local_views = multi_crop(first, self.ssl, generator, second_look=second)
+        else:
+            global_views, local_views = multi_crop(_batch(it, r["batch_size"], self.pool_version), self.ssl, generator)
+        masks = random_patch_masks(global_views.shape[0], self.grid, self.ssl, generator)
+        return global_views, local_views, masks
+
+
+def _one_thread(_worker: int) -> None:
+    torch.set_num_threads(1)  # the workers render and crop; the training process's threads do the maths
+
+
 def _monitor_set(domain: str, n: int, first: int):
     from ..data.synthetic import TESTBED_OF_TRAIN_ID, generate
 
@@ -212,7 +239,8 @@ def pretrain_ssl_foundation(out: str | os.PathLike, *, iters: Optional[int] = No
                             checkpoint: Optional[str | os.PathLike] = None, checkpoint_every: int = 100,
                             monitor_every: int = 500, progress: bool = True, overrides: Optional[dict] = None,
                             manifest: Optional[str | os.PathLike] = None, log=print, log_every: int = 0,
-                            stop_at: Optional[int] = None, time_limit: Optional[float] = None) -> Optional[Path]:
+                            stop_at: Optional[int] = None, time_limit: Optional[float] = None,
+                            workers: int = 0) -> Optional[Path]:
     """Pretrain the label-free foundation ViT (``PRETRAIN_SSL`` on the pool of ``SHIPPED_POOL_VERSION``,
     updated by ``overrides``, e.g. ``{"pool_version": 1}``; ``iters`` overrides the length) and write its backbone to ``out`` (safetensors, timm layout) and the manifest
     beside it (``manifest``, default ``out`` with ``.json``). ``checkpoint``: a file written every
@@ -221,7 +249,8 @@ def pretrain_ssl_foundation(out: str | os.PathLike, *, iters: Optional[int] = No
     A long run goes in chunks (a device call, a CPU session): ``stop_at`` (an iteration) or ``time_limit``
     (seconds of this call) ends the chunk early, with the state written to ``checkpoint`` (required then);
     the function returns None, and the same call resumes it. The schedule is the whole run's, so a run in
-    chunks equals an uninterrupted one."""
+    chunks equals an uninterrupted one. ``workers``: DataLoader processes that render the pool and cut the
+    views ahead of the training step (what keeps a GPU fed); the views do not depend on their number."""
     if (stop_at is not None or time_limit is not None) and checkpoint is None:
         raise ValueError("a chunked pretraining run (stop_at or time_limit) needs a checkpoint file to resume from")
     from tqdm import tqdm
@@ -261,17 +290,15 @@ def pretrain_ssl_foundation(out: str | os.PathLike, *, iters: Optional[int] = No
                disable=not progress, dynamic_ncols=True, initial=start_it, total=recipe["iters"])
     grid = ssl.global_size // SSL_FOUNDATION["patch_size"]
     logs: dict = {}
+    stream = _ViewStream(recipe, ssl, pool_version, grid)
+    batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, sampler=range(start_it, recipe["iters"]),
+                                               num_workers=workers, worker_init_fn=_one_thread,
+                                               prefetch_factor=4 if workers else None, persistent_workers=False))
     for it in bar:
         lr, momentum = _schedule(it, recipe)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        generator = torch.Generator().manual_seed(recipe["seed"] * 1_000_003 + it)
-        if recipe.get("views") == "two_looks":
-            first, second = _two_look_batch(it, recipe["batch_size"], pool_version)
-            global_views, local_views = multi_crop(first, ssl, generator, second_look=second)
-        else:
-            global_views, local_views = multi_crop(_batch(it, recipe["batch_size"], pool_version), ssl, generator)
-        masks = random_patch_masks(global_views.shape[0], grid, ssl, generator)
+        global_views, local_views, masks = next(batches)
         objective.freeze_last_layer(it < ssl.freeze_last_layer_iters)
         loss, logs = objective(global_views.to(device), None if local_views is None else local_views.to(device),
                                masks.to(device))
