@@ -358,3 +358,102 @@ def test_paper_layout_through_the_backbone_on_a_non_square_odd_grid():
         # the recorded grid reached the hook: block 1's input is block 0's output refined on the 5 x 6 grid
         torch.testing.assert_close(inputs[1][:, 1:], paper_reference(method.reins, raw[:, 1:], (5, 6)))
         torch.testing.assert_close(inputs[1][:, :1], raw[:, :1])  # the class token bypasses
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and the command line
+
+# The public code's names (reins.py:39-74, 341-375; state_dict of reins_dinov2.py:42-49 keeps the keys
+# containing "rein") for L layers, M tokens, rank r, width C and query width Q.
+def public_checkpoint_shapes(L, M, r, C, Q):
+    c = C // 4
+    return {
+        "backbone.reins.learnable_tokens_a": (L, M, r), "backbone.reins.learnable_tokens_b": (L, r, c),
+        "backbone.reins.learnable_tokens_a2": (L, M, r), "backbone.reins.learnable_tokens_b2": (L, r, 3 * c),
+        "backbone.reins.scale": (),
+        "backbone.reins.mlp_token2feat.weight": (c, c), "backbone.reins.mlp_token2feat.bias": (c,),
+        "backbone.reins.mlp_delta_f.weight": (c, c), "backbone.reins.mlp_delta_f.bias": (c,),
+        "backbone.reins.mlp_token2feat2.weight": (3 * c, 3 * c), "backbone.reins.mlp_token2feat2.bias": (3 * c,),
+        "backbone.reins.mlp_delta_f2.weight": (3 * c, 3 * c), "backbone.reins.mlp_delta_f2.bias": (3 * c,),
+        **{f"backbone.reins.wavepool.{band}.weight": (C, 1, 2, 2) for band in ("LL", "LH", "HL", "HH")},
+        "backbone.reins.transform.weight": (Q, c), "backbone.reins.transform.bias": (Q,),
+        "backbone.reins.merge.weight": (Q, 3 * Q), "backbone.reins.merge.bias": (Q,),
+    }
+
+
+def fada_config_file(tmp_path, name, weights=None, **fada):
+    import yaml
+
+    path = tiny_config(tmp_path, name, head="mask2former", method="fada", weights=weights)
+    raw = yaml.safe_load(path.read_text())
+    raw["method"]["fada"] = {"num_tokens": 6, "lora_rank": 4, "query_dim": 16, **fada}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_a_file_in_the_public_codes_layout_loads_through_dgss_load_and_eval(tmp_path):
+    import dgss
+    from dgss.cli import main
+    from dgss.engine.distributed import DistContext
+    from dgss.engine.evaluate import evaluate_datasets
+    from dgss.predict.loading import CheckpointError
+    from dgss.tuning.model import build_segmentor
+    from test_engine_support import backbone_weights_file
+
+    weights = backbone_weights_file(tmp_path)
+    config = fada_config_file(tmp_path, "fada_public", weights=str(weights))
+    cfg = load_config(config)
+    model = build_segmentor(cfg).eval()
+    randomize_(model.method, std=0.2)  # stand-in for training: every FADA tensor moves
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    state = export_official_rein(model.method, model.head)
+    reins = {k: tuple(v.shape) for k, v in state.items() if k.startswith("backbone.reins.")}
+    assert reins == public_checkpoint_shapes(L=4, M=6, r=4, C=32, Q=16)
+    path = tmp_path / "iter_40000.pth"
+    torch.save({"meta": {"iter": 40000}, "state_dict": state}, path)  # mmengine's container
+
+    predictor = dgss.load(path, config=config, device="cpu")
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(predictor.model.inference(images), model.inference(images))
+    out = tmp_path / "eval_public"
+    assert main(["eval", str(config), "--checkpoint", str(path), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    expected = evaluate_datasets(model, cfg.data.test, cfg, DistContext())
+    for r in expected:
+        assert results["datasets"][r.name]["miou"] == pytest.approx(r.miou, abs=1e-4)
+    rein_config = tiny_config(tmp_path, "rein_cfg", head="mask2former", method="rein", weights=str(weights))
+    with pytest.raises(CheckpointError, match="method.name: fada"):
+        dgss.load(path, config=rein_config)
+
+
+def test_fada_trains_evaluates_and_exports_from_the_cli(tmp_path, capsys):
+    import onnxruntime as ort  # a dev dependency
+
+    from dgss.cli import main
+    from dgss.predict import Predictor
+    from dgss.predict.loading import load_segmentor
+
+    config = fada_config_file(tmp_path, "fada_cli", layout="public_code")
+    assert main(["train", str(config)]) == 0
+    final = tmp_path / "runs" / "fada_cli" / "model_final.safetensors"
+    assert "fada" in capsys.readouterr().out
+    loaded = load_segmentor(final)
+    reins = loaded.model.method.reins
+    # trained: the scale left its 1e-3 start and the wavelet filters their Haar kernels, as in the public code
+    assert reins.scale.item() != pytest.approx(1e-3, rel=1e-6)
+    assert not torch.equal(reins.wavepool.LL.weight, haar_kernels()["LL"].expand(32, 1, 2, 2))
+    out = tmp_path / "eval_cli"
+    assert main(["eval", str(config), "--checkpoint", str(final), "--out", str(out)]) == 0
+    assert set(json.loads((out / "results.json").read_text())["datasets"]) == {"night", "fog"}
+    onnx_path = tmp_path / "fada.onnx"
+    assert main(["export", "--checkpoint", str(final), "--out", str(onnx_path), "--input-size", "64", "96"]) == 0
+    images = torch.randint(0, 256, (2, 3, 64, 96), generator=torch.Generator().manual_seed(0)).float()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    scores, _ = session.run(None, {"images": images.numpy()})
+    model = loaded.model
+    with torch.no_grad():
+        reference = model.whole_inference(Predictor(model, loaded.cfg).normalize(images))
+    assert np.abs(scores - reference.numpy()).max() < 1e-4

@@ -109,7 +109,8 @@ class HaarWavePool(nn.Module):
             setattr(self, name, _Kernel(kernel.expand(channels, 1, 2, 2).clone(), trainable))
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = maps.shape
+        b, _, h, w = maps.shape
+        c = self.channels  # a Python int, so that an exported graph knows the kernel's shape
         # one grouped convolution: output channel 4k + band reads input channel k
         weight = torch.stack([getattr(self, name).weight for name in BANDS], dim=1).reshape(4 * c, 1, 2, 2)
         bands = F.conv2d(maps, weight.to(maps.dtype), stride=2, groups=c)
