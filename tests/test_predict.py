@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from test_engine_support import backbone_weights_file, tiny_config
 
 import dgss
-from dgss.config import load_config
+from dgss.config import EvalConfig, load_config
 from dgss.data import TRAIN_ID_TO_LABEL_ID
 from dgss.engine.trainer import Trainer
 from dgss.fileio import CHECKSUM_KEY, save_safetensors
@@ -151,7 +151,7 @@ class PixelwiseModel(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = torch.nn.Conv2d(3, self.num_classes, 1)
-        self.eval_cfg = type("EvalCfg", (), {"mode": "whole"})()
+        self.eval_cfg = EvalConfig(mode="whole")
 
     def whole_inference(self, images):
         return self.conv(images).softmax(1)

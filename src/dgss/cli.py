@@ -494,7 +494,23 @@ def _eval_args(parser: argparse.ArgumentParser) -> None:
                              "folder (its final model, else its newest checkpoint), or an official Rein / released "
                              "SoMA .pth trained with this config")
     parser.add_argument("--out", metavar="DIR", help="folder for results.json/.md (default: RUN/eval)")
+    _add_inference_args(parser, "the config's")
     _add_device_progress_args(parser, _CONFIG_DEVICE_HELP)
+
+
+def _add_inference_args(parser: argparse.ArgumentParser, source: str) -> None:
+    """--mode and --scale (eval.mode, eval.scale: dgss.models.inference, docs/inference.md)."""
+    parser.add_argument("--mode", choices=["slide", "whole", "coarse_to_fine"],
+                        help=f"inference mode (default: {source} eval.mode)")
+    parser.add_argument("--scale", type=float, metavar="S",
+                        help="resize the images by S before inference, the scores back to the output size "
+                             f"(default: {source} eval.scale; 2 runs a 1024 x 512 protocol at 2048 x 1024)")
+
+
+def _inference_overrides(args: argparse.Namespace) -> tuple[str, ...]:
+    """--mode and --scale as the config keys they stand for."""
+    return ((f"eval.mode={args.mode}",) if args.mode else ()) + \
+        ((f"eval.scale={args.scale}",) if args.scale is not None else ())
 
 
 def _eval_run(args: argparse.Namespace) -> int:
@@ -506,7 +522,7 @@ def _eval_run(args: argparse.Namespace) -> int:
     from .tuning.model import build_segmentor
     from .predict.loading import is_dgss_model_file, load_segmentor, resolve_model_file
 
-    cfg = _load_checked_config(args, _runtime_overrides(args))
+    cfg = _load_checked_config(args, _runtime_overrides(args) + _inference_overrides(args))
     if not cfg.data.test:
         raise UsageError(f"{args.config}: data.test lists no dataset to evaluate on")
     try:  # a run folder, either half of a training checkpoint, or the file itself (as predict and export)
@@ -593,7 +609,7 @@ def _predict_args(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated outputs: {', '.join(FORMATS)} (default: colour)")
     parser.add_argument("--tta", metavar="SPEC", help="test-time augmentation, e.g. flip or flip,scales=0.75,1.0,1.25")
     parser.add_argument("--batch", type=int, default=1, metavar="N", help="images (of one size) per forward pass")
-    parser.add_argument("--mode", choices=["slide", "whole"], help="inference mode (default: the model's eval.mode)")
+    _add_inference_args(parser, "the model's")
     parser.add_argument("--resize", type=int, nargs=2, metavar=("W", "H"),
                         help="fit images into this box before inference (results keep the input size)")
     parser.add_argument("--opacity", type=float, default=0.5, help="colour weight of overlays (default 0.5)")
@@ -605,9 +621,12 @@ def _predict_run(args: argparse.Namespace) -> int:
     from .predict.writers import parse_formats
 
     options = PredictOptions(formats=parse_formats(args.format), tta=parse_tta(args.tta), batch_size=args.batch,
-                             mode=args.mode, resize=args.resize, opacity=args.opacity, progress=_show_progress(args))
+                             mode=args.mode, resize=args.resize, opacity=args.opacity, progress=_show_progress(args),
+                             scale=args.scale)
     if args.batch < 1:
         raise UsageError(f"--batch must be at least 1, got {args.batch}")
+    if args.scale is not None and not args.scale > 0:
+        raise UsageError(f"--scale must be above 0 (a resize factor), got {args.scale}")
     _check_output(args.out, "output folder (--out)")  # before the model is loaded
     predictor = _load_predictor(args)
     from tqdm import tqdm

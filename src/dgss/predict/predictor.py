@@ -6,6 +6,7 @@
     result.scores        # K x H x W float32 class scores
     result.colour()      # H x W x 3 uint8, Cityscapes palette
     model.predict("street.png", tta=TTA(flip=True, scales=(0.75, 1.0, 1.25)), mode="slide")
+    model.predict("street.png", mode="coarse_to_fine", scale=2.0)   # eval.* modes (dgss.models.inference)
 
 Images are RGB with values 0..255 (uint8 or float): numpy H x W x 3 (or H x W grey), tensors
 3 x H x W (or H x W x 3 when the last axis has 3 entries and the first does not). 16-bit inputs
@@ -17,7 +18,9 @@ Sizes the network cannot take (not a multiple of 32 and of the patch size) are p
 colour and the scores cropped back, so any image size works in either mode.
 
 Test-time augmentation averages the class scores of every (scale, flip) view, each resized back to
-the input size first; a flipped view's scores are flipped back before averaging.
+the input size first; a flipped view's scores are flipped back before averaging. The inference scale
+(``eval.scale``) multiplies every view's; in ``coarse_to_fine`` mode each view is a whole pass at
+``eval.coarse_scale`` and a sliding window at the view's scale, fused as the evaluation fuses them.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 from ..data.image_io import pil_to_rgb, read_image, uint16_to_uint8
 from ..data.labels import TRAIN_ID_TO_LABEL_ID, colorize
 from ..data.transforms import fit_resize_shape
+from ..models.inference import INFERENCE_MODES, fuse_coarse_fine, resize_by
 
 __all__ = ["TTA", "Prediction", "Predictor", "to_rgb_array", "parse_tta", "tta_inference", "train_ids_to_label_ids"]
 
@@ -163,33 +167,44 @@ def _padded_inference(model, images: torch.Tensor, mode: str, crop, stride) -> t
 @torch.no_grad()
 def tta_inference(model, images: torch.Tensor, tta: TTA = TTA(), *, mode: Optional[str] = None,
                   crop: Optional[Sequence[int]] = None, stride: Optional[Sequence[int]] = None,
-                  out_size: Optional[Sequence[int]] = None) -> torch.Tensor:
+                  out_size: Optional[Sequence[int]] = None, scale: Optional[float] = None) -> torch.Tensor:
     """Class scores of normalised images (B x 3 x H x W) averaged over the TTA views: B x K x h x w.
 
     Args:
         model: a :class:`~dgss.models.segmentor.Segmentor` (uses ``whole_inference``/``slide_inference``).
-        mode: "slide" or "whole"; default ``model.eval_cfg.mode``.
+        mode: "slide", "whole" or "coarse_to_fine"; default ``model.eval_cfg.mode``.
         crop, stride: sliding-window size and step (h, w); default ``model.eval_cfg``.
         out_size: (h, w) of the returned scores; default the images' size.
+        scale: the inference scale, multiplying each view's; default ``model.eval_cfg.scale``.
     """
-    mode = mode or model.eval_cfg.mode
-    if mode not in ("slide", "whole"):
-        raise ValueError(f"unknown inference mode '{mode}' (slide | whole)")
+    cfg = model.eval_cfg
+    mode = mode or cfg.mode
+    if mode not in INFERENCE_MODES:
+        raise ValueError(f"unknown inference mode '{mode}' ({' | '.join(INFERENCE_MODES)})")
+    scale = cfg.scale if scale is None else scale
+    if not scale > 0:
+        raise ValueError(f"the inference scale must be above 0, got {scale}")
     height, width = images.shape[-2:]
     out_size = tuple(out_size) if out_size is not None else (height, width)
-    total = None
-    for scale, flipped in tta.views():
-        view = images
-        if scale != 1.0:
-            size = (max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5)))
-            view = F.interpolate(view, size=size, mode="bilinear", align_corners=False)
+
+    def scores_at(view_scale: float, flipped: bool, view_mode: str) -> torch.Tensor:
+        view = resize_by(images, view_scale)
         if flipped:
             view = view.flip(-1)
-        scores = _padded_inference(model, view, mode, crop, stride)
+        scores = _padded_inference(model, view, view_mode, crop, stride)
         if flipped:
             scores = scores.flip(-1)
         if tuple(scores.shape[-2:]) != out_size:
             scores = F.interpolate(scores, size=out_size, mode="bilinear", align_corners=False)
+        return scores
+
+    total = None
+    for view_scale, flipped in tta.views():
+        if mode == "coarse_to_fine":
+            scores = fuse_coarse_fine(scores_at(view_scale * cfg.coarse_scale, flipped, "whole"),
+                                      scores_at(view_scale * scale, flipped, "slide"), cfg.coarse_weight)
+        else:
+            scores = scores_at(view_scale * scale, flipped, mode)
         total = scores if total is None else total + scores
     return total / len(tta.views())
 
@@ -236,7 +251,7 @@ class Predictor:
     @torch.no_grad()
     def predict_batch(self, images: Sequence[np.ndarray], *, tta: TTA = TTA(), mode: Optional[str] = None,
                       resize: Optional[Sequence[int]] = None, crop: Optional[Sequence[int]] = None,
-                      stride: Optional[Sequence[int]] = None) -> list[Prediction]:
+                      stride: Optional[Sequence[int]] = None, scale: Optional[float] = None) -> list[Prediction]:
         """Predictions for H x W x 3 uint8 images of one size, in one batch (see :meth:`predict`)."""
         sizes = {img.shape[:2] for img in images}
         if len(sizes) != 1:
@@ -248,28 +263,30 @@ class Predictor:
             batch = F.interpolate(batch, size=fit_resize_shape(height, width, resize), mode="bilinear",
                                   align_corners=False)
         scores = tta_inference(self.model, batch, tta, mode=mode, crop=crop, stride=stride,
-                               out_size=(height, width)).cpu()
+                               out_size=(height, width), scale=scale).cpu()
         labels = scores.argmax(1)
         return [Prediction(labels=labels[i], scores=scores[i]) for i in range(len(images))]
 
     def predict(self, image: Union[ImageLike, Iterable[ImageLike]], *, tta: Union[TTA, str, None] = None,
                 mode: Optional[str] = None, resize: Optional[Sequence[int]] = None,
-                crop: Optional[Sequence[int]] = None, stride: Optional[Sequence[int]] = None):
+                crop: Optional[Sequence[int]] = None, stride: Optional[Sequence[int]] = None,
+                scale: Optional[float] = None):
         """Train-id map and scores of one image, or a list of them for a list of images.
 
         Args:
             image: a path, PIL image, numpy array or tensor (RGB, 0..255), or a list of them.
             tta: a :class:`TTA` or its text form ("flip,scales=0.75,1.0,1.25"); default none.
-            mode: "slide" or "whole" (default: the config's ``eval.mode``).
+            mode: "slide", "whole" or "coarse_to_fine" (default: the config's ``eval.mode``).
             resize: fit the image into this (W, H) box before inference (e.g. (1024, 512) for Cityscapes,
                 as ``data.test`` does); results are at the input resolution either way.
             crop, stride: sliding-window size and step (h, w); default the config's ``eval``.
+            scale: resize factor of the (fitted) image before inference (default: the config's ``eval.scale``).
 
         Returns:
             :class:`Prediction` (or a list of them): ``labels`` H x W int64, ``scores`` K x H x W float32.
         """
         tta = parse_tta(tta) if isinstance(tta, str) or tta is None else tta
-        options = dict(tta=tta, mode=mode, resize=resize, crop=crop, stride=stride)
+        options = dict(tta=tta, mode=mode, resize=resize, crop=crop, stride=stride, scale=scale)
         if isinstance(image, (list, tuple)):
             return [self.predict_batch([to_rgb_array(img)], **options)[0] for img in image]
         return self.predict_batch([to_rgb_array(image)], **options)[0]

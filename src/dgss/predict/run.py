@@ -29,7 +29,8 @@ class PredictOptions:
     formats: Sequence[str] = ("colour",)
     tta: TTA = TTA()
     batch_size: int = 1
-    mode: Optional[str] = None  # slide | whole; None: the config's eval.mode
+    mode: Optional[str] = None  # slide | whole | coarse_to_fine; None: the config's eval.mode
+    scale: Optional[float] = None  # inference resize factor; None: the config's eval.scale
     resize: Optional[Sequence[int]] = None  # (W, H) box, as data.test's resize
     opacity: float = 0.5
     progress: bool = True
@@ -69,7 +70,7 @@ class _Run:
 
     def predict(self, images: list[np.ndarray]):
         o = self.opt
-        return self.predictor.predict_batch(images, tta=o.tta, mode=o.mode, resize=o.resize)
+        return self.predictor.predict_batch(images, tta=o.tta, mode=o.mode, resize=o.resize, scale=o.scale)
 
     # ------------------------------------------------------------------ images
 
