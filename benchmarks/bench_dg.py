@@ -17,7 +17,7 @@ makes every verdict "not interpretable"), mean ± std per row and domain, paired
 with 95% t-intervals, the papers' claims with verdicts, the selection-bias table; and curves.png.
 Finished runs (OUT/runs/<row>/seed<k>/benchmark.json) are reused when the config is unchanged, so an
 interrupted run continues with ``--resume`` (the default; --fresh: run everything again). See
-docs/dg_benchmark.md.
+docs/testbed.md.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ DEMO_ROWS = ("frozen", "full", "rein", "fishertune", "lora", "vpt", "soma", "ft-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world", choices=tuple(WORLDS), default="testbed",
-                        help="testbed (default: the faithful miniature of docs/dg_benchmark.md) or demo (issue 16's)")
+                        help="testbed (default: the faithful miniature of docs/testbed.md) or demo (issue 16's)")
     parser.add_argument("--methods", help=f"comma-separated rows (default: the world's required rows; "
                                           f"available: {','.join(ROWS)})")
     parser.add_argument("--core", action="store_true",

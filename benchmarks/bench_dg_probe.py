@@ -1,4 +1,4 @@
-"""Source-only probes of the DG testbed (issue 22): the numbers behind docs/dg_benchmark.md's world designs.
+"""Source-only probes of the DG testbed (issue 22): the numbers behind docs/figures/testbed_log.md's world designs.
 
     python benchmarks/bench_dg_probe.py OUT frozen,full                       # 960 iterations, 960 scenes
     python benchmarks/bench_dg_probe.py OUT frozen --scale 2 --same-scenes    # P1: twice the iterations

@@ -8,7 +8,7 @@ apart from the part training makes.
 
 One JSON line per run (mIoU per domain, the target mean), then one line per row: its target means by
 seed and their standard deviation. It selects nothing: it measures how much a run's score moves with
-the evaluation sample (docs/dg_benchmark.md, "FisherTune's seed 2").
+the evaluation sample (docs/figures/testbed_log.md, "FisherTune's seed 2").
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ car, truck, bus and train merged into one "vehicle" class after the argmax (City
 
 One JSON line per run: mIoU over the run's classes and over them with the vehicles merged, and each
 class's IoU (%). Source images only: it never looks at a target domain, so it may inform the world's
-design (docs/dg_benchmark.md, "P2 next").
+design (docs/figures/testbed_log.md, "P2 next").
 """
 
 from __future__ import annotations

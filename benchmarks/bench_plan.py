@@ -177,7 +177,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------ the planner's table (docs/benchmarks.md)
+# ------------------------------------------------------------------ the planner's table (docs/performance.md)
 
 TABLE_BACKBONES = {"dinov2_l": "configs/{method}/dinov2-l_gtav_512.yaml", "dinov2_g": "configs/{method}/dinov2-l_gtav_512.yaml",
                    "dinov3_hplus": "configs/{method}/dinov2-l_gtav_512.yaml", "dinov3_7b": "configs/{method}/dinov3-7b_gtav_512.yaml"}

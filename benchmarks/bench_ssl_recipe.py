@@ -5,7 +5,7 @@
 Runs ``dgss.testbed.ssl_foundation.pretrain_ssl_foundation`` with the shipped recipe updated by the
 options, on one thread, and writes OUT_DIR/foundation.safetensors and its manifest (the monitor history:
 the dense k-NN probe on the source look, a pool look and the validation family, never a target). The
-recipe choices of docs/dg_benchmark.md ("Designs tried") were screened so.
+recipe choices of docs/figures/testbed_log.md ("Designs tried") were screened so.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ with the same models: every (row, seed) of JOBS is ``bench_dg.py --budget defaul
 and OUT/<row>-seed<k>.rescore.jsonl as each finishes (with ``--pack``, one archive OUT/screen.tgz of
 them all instead), and stops launching at the deadline, so a run cut
 by the device's time limit still returns what finished. It selects nothing: the rule that picks the
-severities reads Frozen alone (docs/dg_benchmark.md, "Targets off the floor").
+severities reads Frozen alone (docs/figures/testbed_log.md, "Targets off the floor").
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ DOMAINS = (*TARGET_SETS["world"], "night-a", "night-b", "night-c", "colorshift-a
 
 
 def summarize(path: Path) -> str:
-    """The tables of docs/dg_benchmark.md from re-scoring lines: Frozen's retention per domain (its mIoU
+    """The tables of docs/figures/testbed_log.md from re-scoring lines: Frozen's retention per domain (its mIoU
     over its source mIoU, mean over seeds), then per row and target set the target mean by seed and its
     standard deviation, beside the source and blur-family spreads."""
     import statistics

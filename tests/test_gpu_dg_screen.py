@@ -1,4 +1,4 @@
-"""benchmarks/gpu_dg_screen.py's summary: the numbers docs/dg_benchmark.md quotes from a target screen."""
+"""benchmarks/gpu_dg_screen.py's summary: the numbers docs/figures/testbed_log.md quotes from a target screen."""
 
 import json
 import statistics

@@ -169,7 +169,7 @@ class FisherTuneConfig:
     eps_sigma: float = 0.5
     perturb_layers: list[int] = field(default_factory=lambda: [0])
     # DR-FIM = task / its top-delta_max threshold + domain_balance * e^-(eps_mu+eps_sigma) * domain / its
-    # threshold. The defaults below are measured choices (docs/benchmarks.md, "FisherTune's ranking"):
+    # threshold. The defaults below are measured choices (docs/performance.md, "FisherTune's ranking"):
     # balance 2 is the smallest at which the variational estimate is consistently stabler than the plain
     # one, with both terms shaping the set; "tensor" keeps patch_embed from taking 93-98% of the budget.
     domain_balance: float = 2.0

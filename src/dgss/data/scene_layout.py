@@ -57,7 +57,7 @@ STREET = LayoutStats()
 # How objects look. "plain": cars, trucks, buses and trains share one box shape and one colour set (truck
 # and bus differ by a few percent in aspect ratio: no model can tell them apart), and traffic-sign panels
 # are thinner than an 8-px token; the demo world and the SSL pool render these. "visible" (the DG testbed,
-# where every class must be visible; docs/dg_benchmark.md): a bus has a livery and a row of side windows,
+# where every class must be visible; docs/testbed.md): a bus has a livery and a row of side windows,
 # a truck a low cab in front of a tall light cargo box, a train a long silver or blue body with a window
 # row and a stripe, and sign panels are SIGN_SCALE_VISIBLE times larger.
 OBJECT_STYLES = ("plain", "visible")

@@ -95,7 +95,7 @@ SEVERITY_STYLES: dict[str, DomainStyle] = {
     "colorshift-2": DomainStyle(exposure=(0.85, 1.1), colour_shift=True),
     "blur-1": DomainStyle(grain=4.0, blur=1.0),
     "blur-2": DomainStyle(grain=10.0, blur=2.0),
-    # candidate severities screened for the testbed (docs/dg_benchmark.md, "Targets off the floor"); appended
+    # candidate severities screened for the testbed (docs/figures/testbed_log.md, "Targets off the floor"); appended
     # last so that the draws of the styles above keep their indices
     "night-a": DomainStyle(grain=3.0, exposure=(0.55, 0.70), night=True),
     "night-b": DomainStyle(grain=4.0, exposure=(0.40, 0.50), night=True),
@@ -103,7 +103,7 @@ SEVERITY_STYLES: dict[str, DomainStyle] = {
     "colorshift-a": DomainStyle(exposure=(0.85, 1.1), colour_shift=True, hue_angle=(0.45 * np.pi, 0.65 * np.pi)),
     "colorshift-b": DomainStyle(exposure=(0.85, 1.1), colour_shift=True, hue_angle=(0.65 * np.pi, 0.85 * np.pi)),
     # wide nights: each image's exposure drawn over a broad range, as a real night set mixes lit and unlit
-    # streets (docs/dg_benchmark.md, "Wide nights")
+    # streets (docs/figures/testbed_log.md, "Wide nights")
     "night-w1": DomainStyle(grain=6.0, exposure=(0.15, 0.55), night=True),
     "night-w2": DomainStyle(grain=8.0, exposure=(0.06, 0.30), night=True),
     # the unseen look (pool version 3 renders every other look; snow never): appended, so every style above
@@ -339,7 +339,7 @@ _SPLIT_OFFSETS = {"train": 0, "all": 0, "val": 10_000_000, "test": 20_000_000}
 
 # The DG testbed's classes (dgss.testbed): the 19 train ids merged to the 12 that are at least one
 # 8-pixel token thick at the median (the thickest part of a class in an image, median over images, at
-# 128 x 256, in the testbed's scenes: objects="visible"; measured in docs/dg_benchmark.md). wall and fence
+# 128 x 256, in the testbed's scenes: objects="visible"; measured in docs/testbed.md). wall and fence
 # join building (Cityscapes' "construction"), rider joins person; pole, traffic light, motorcycle and
 # bicycle (2-6 px) are ignored (255).
 TESTBED_CLASSES = ("road", "sidewalk", "building", "vegetation", "terrain", "sky", "person", "car", "truck",

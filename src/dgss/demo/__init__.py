@@ -118,7 +118,7 @@ def run_demo(out_dir: str | Path = "demo_output", quick: bool = False, methods: 
     print("A synthetic sanity check of the code and of the story (a frozen pretrained model generalizes; "
           "how much each way of fine-tuning keeps of it), not the papers' benchmarks."
           + (" Differences within about two standard deviations are seed noise." if len(seeds) > 1 else "")
-          + " The seeded benchmark (benchmarks/bench_dg.py, docs/dg_benchmark.md) runs this experiment longer, "
+          + " The seeded benchmark (benchmarks/bench_dg.py, docs/testbed.md) runs this experiment longer, "
           "for more methods, with intervals.\n")
     print(f"written ({clock(time.time() - start)} in all):")
     print(f"  table         {md}, {csv_path}")

@@ -20,7 +20,7 @@ at the loss). CUDA's autocast, which dispatches on CUDA tensors only, is emulate
 :class:`EmulatedAutocast` with CUDA's cast policy (matrix products and convolutions in bf16, casts of
 trainable leaves kept for the step; norms, softmax, reductions and losses in fp32), so what is saved for
 backward is what autocast saves. Memory a kernel allocates inside itself and frees before it returns is
-not seen (on a CPU about 50 MB of a process's peak, docs/benchmarks.md section 6).
+not seen (on a CPU about 50 MB of a process's peak, docs/performance.md section 6).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Every head has the same small surface, which is all the segmentor uses:
 * ``"fpn"``: :class:`FPNHead`, a light per-pixel head for quick experiments and CPU demos.
 * ``"linear"``: :class:`LinearHead`, a linear classifier of the token features (DINOv2's linear
   segmentation probe, multi-layer form): the head of the DG testbed, whose frozen row converges within
-  a CPU budget (docs/dg_benchmark.md, P1).
+  a CPU budget (docs/testbed.md, P1).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class LinearHead(nn.Module):
     logits are upsampled bilinearly to the labels. Every class is then an affine function of the tokens,
     so what a frozen backbone does not encode the head cannot add, and its training is nearly convex. In
     the DG testbed it converges within 1,920 iterations (0.6 points gained at twice that), where
-    Mask2Former and the FPN head still gain 4-11 points at twice 960 (docs/dg_benchmark.md).
+    Mask2Former and the FPN head still gain 4-11 points at twice 960 (docs/testbed.md).
     """
 
     accepts_queries = False
@@ -104,7 +104,7 @@ class LinearHead(nn.Module):
         # classifier_init "zeros": the head ViT (Dosovitskiy et al., 2021) and BiT attach for fine-tuning.
         # Its features' gradient is zero at step 0, so the backbone's first updates follow a head the data
         # made, not a random one (in the DG testbed the random start carries part of Full's out-of-domain
-        # result by seed, yet a zero start did not narrow its spread: docs/dg_benchmark.md, "The head's
+        # result by seed, yet a zero start did not narrow its spread: docs/figures/testbed_log.md, "The head's
         # start"). The N(0, 0.01) draw is made either way, so the rest of a run's random numbers do not
         # depend on the choice.
         nn.init.normal_(self.classifier.weight, std=0.01)

@@ -59,7 +59,7 @@ _ROWS: dict[str, tuple[str, list[str]]] = {
     "ft-plain": ("fishertune", ["method.fishertune.variational=false"]),
     # explicit 0.0: FisherTune's default may train on x' in some iterations; this row never does
     "ft-no-xprime": ("fishertune", ["method.fishertune.train_perturb_prob=0.0"]),
-    # the testbed's controls (docs/dg_benchmark.md): LP-FT (P5), Full from random initialisation (P6), the
+    # the testbed's controls (docs/testbed.md): LP-FT (P5), Full from random initialisation (P6), the
     # old label-pretrained foundation with two methods, and Frozen trained twice as long (P1)
     "lp-ft": ("lp-ft", []),
     "wise-ft": ("full", []),  # not trained: the average of Full's and the pretrained backbone (DERIVED_ROWS)
@@ -94,7 +94,7 @@ DERIVED_BN_BATCHES = 64
 SKIPPED_ROWS = {name: f"method.name '{row[0]}' is not in this dgss" for name, row in _ROWS.items()
                 if name not in ROWS}
 
-# Budgets (the sizes of every run; the same for every row). Measured (docs/dg_benchmark.md): a run costs
+# Budgets (the sizes of every run; the same for every row). Measured (docs/figures/testbed_log.md): a run costs
 # about 0.24 (frozen) to 0.32 s (rein) per iteration on one thread, plus about 10 s per evaluation of
 # the 6 domains. default: 12 rows x 3 seeds x (640 iterations + 4 evaluations) in 2 processes
 # ~ 36 x 230 s / 2 ~ 70 min on the 2-core machine.
@@ -109,7 +109,7 @@ BUDGETS = {"default": DEFAULT_BUDGET, "quick": QUICK_BUDGET, "smoke": SMOKE_BUDG
 # The testbed's budgets (the same for every row). default: 1,920 iterations of batch 4 on 7,680 source scenes,
 # each seen once. With the testbed's linear head at lr 1e-2, Frozen's source mIoU is 39.8 at 1,920 iterations
 # and 39.2 at twice the iterations (P1 holds: 0.6; at 960 iterations 37.2 against 38.7, 1.5: the edge). Seed
-# 0, 64 clean images. The scenes were 1,920 seen four times until the target screen (docs/dg_benchmark.md,
+# 0, 64 clean images. The scenes were 1,920 seen four times until the target screen (docs/figures/testbed_log.md,
 # "Targets off the floor"): with 7,680 seen once, the seed spread of Full's blur-family mean fell from 1.26
 # to 0.32 and of its source fit from 0.69 to 0.16 (4 seeds each); the scenes are rendered on the fly, so
 # more of them cost nothing. The quick and GPU budgets keep the same rule (iterations x 4 scenes).

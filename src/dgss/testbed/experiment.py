@@ -51,7 +51,7 @@ class DemoBudget:
 
 
 # `make demo`: 4 methods x 3 seeds (DEMO_SEEDS) in two processes within 10 minutes on 2 cores; the seeded
-# benchmark (benchmarks/bench_dg.py, docs/dg_benchmark.md) runs the same experiment longer.
+# benchmark (benchmarks/bench_dg.py, docs/testbed.md) runs the same experiment longer.
 FULL_BUDGET = DemoBudget(iters=240, train_images=240, eval_images=24, fisher_batches=8, overlay_images=2)
 DEMO_SEEDS = (0, 1, 2)
 QUICK_BUDGET = DemoBudget(iters=40, train_images=64, eval_images=6, fisher_batches=4, overlay_images=1)

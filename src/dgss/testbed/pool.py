@@ -36,7 +36,7 @@ remakeable bit for bit):
   night family: blue 1.7 x red), and no lamp, lit window or car light is drawn in any image, at any
   exposure. A web-scale pool such as DINOv2's holds many underexposed photographs, so a foundation
   that has never seen a dim image is less faithful than one that has. Version 1's foundation scored
-  3-6 mIoU frozen on night-1, whatever the head (docs/dg_benchmark.md, "A pool with dim scenes").
+  3-6 mIoU frozen on night-1, whatever the head (docs/figures/testbed_log.md, "A pool with dim scenes").
   Every image of version 2 differs from version 1's (the family draw is renormalised).
 * **3**: version 2 plus the ``night`` family (night's look: blue ambient light, lamps, lit windows, car
   lights, exposure ``NIGHT_EXPOSURE``): a web-scale pool holds night photographs, and the DG rule

@@ -12,7 +12,7 @@ exponential moving average of the student, sees the two global crops unmasked. T
 the teacher's centred, sharpened prototype distribution of the *other* global crop (and, from each
 local crop, of both), and at every masked patch the teacher's distribution of that patch. KoLeo
 (DINOv2) spreads the class tokens of a batch and is off by default (``koleo_weight`` 0; measured in
-docs/dg_benchmark.md).
+docs/figures/testbed_log.md).
 
 Collapse is what kills self-distillation at small batch (dgss's 32 against DINOv2's 2048), so the
 defaults follow what the literature reports to help there: few prototypes (512), teacher temperature

@@ -49,7 +49,7 @@ SSL_FOUNDATION = dict(backbone="dinov2_s", img_size=128, patch_size=8,
 # images at initialisation) and DINO has nothing to distil, so pretraining starts the scales at 1.0
 # (DINO's and iBOT's ViT-S have no LayerScale at all, which is the same).
 # objective "dino": chosen by the dense k-NN probe at 500 iterations (DINO 34.0 / 43.0 / 32.3 mIoU on
-# clean / textured / blur-2 against DINO + iBOT's 32.1 / 40.4 / 30.4; docs/dg_benchmark.md, "Designs
+# clean / textured / blur-2 against DINO + iBOT's 32.1 / 40.4 / 30.4; docs/figures/testbed_log.md, "Designs
 # tried"); the probe plateaued between 250 and 500 iterations, so the shipped run is 500 long. One thread:
 # the file is bit-for-bit reproducible only at the recipe's thread count (10 minutes on one core of the
 # 2-core machine, torch 2.14.1; an earlier torch took about 70).
@@ -63,7 +63,7 @@ PRETRAIN_SSL = dict(iters=500, batch_size=32, lr=5e-4, min_lr=1e-5, weight_decay
 # Version 2 (dim scenes, night's look still held out) replaced version 1 after the testbed's --core run:
 # under version 1 Full's target mean spread by 1.18 over seeds (P4 fails), all of it in night-1, where its
 # features of dark images were whatever fine-tuning left of features learnt on bright ones; under version 2,
-# 0.12 (docs/dg_benchmark.md, "A pool with dim scenes").
+# 0.12 (docs/figures/testbed_log.md, "A pool with dim scenes").
 SHIPPED_POOL_VERSION = 2
 
 _ASSETS = Path(__file__).resolve().parent.parent / "assets"

@@ -80,7 +80,7 @@ CLAIMS = (
 )
 
 
-# The testbed's rows (docs/dg_benchmark.md): the default run and the --core subset that decides P1-P4.
+# The testbed's rows (docs/testbed.md): the default run and the --core subset that decides P1-P4.
 REQUIRED_ROWS = ("frozen", "full", "lp-ft", "wise-ft", "scratch", "rein", "fishertune", "lora", "soma", "soma-public",
                  "ft-random", "ft-fim", "ft-domain", "frozen-label", "fishertune-label", "frozen-2x")
 CORE_ROWS = ("frozen", "full", "lp-ft", "rein", "fishertune", "frozen-2x")

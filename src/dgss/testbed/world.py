@@ -6,7 +6,7 @@
 A world fixes everything but the method: the source domain, the target domains, the validation shift
 family (which alone may choose a setting; never a target), the label set, the foundation ViT's
 architecture and file, and the head. Both worlds render the same procedural streets
-(:mod:`dgss.data.synthetic`); they differ in what the papers' setting needs (docs/dg_benchmark.md):
+(:mod:`dgss.data.synthetic`); they differ in what the papers' setting needs (docs/testbed.md):
 
 * ``demo`` (``dgss demo``): the 19 Cityscapes classes at 128 x 256 with patch 16 (an 8 x 8 token grid on
   a 128 crop), five targets, the label-pretrained foundation (:mod:`dgss.testbed.supervised_foundation`).
@@ -82,19 +82,19 @@ def _testbed_world() -> World:
     # Frozen's source mIoU at 960 iterations is 63.6 and 74.4 at twice the iterations on the same scenes; a
     # light FPN head 65.3 -> 70.0 (lr 3e-3) and 66.8 -> 70.7 (lr 1e-2), so precondition P1 fails with
     # either. The linear head: 37.2 -> 38.7 at lr 1e-2 (3e-3: 35.9 -> 38.3; 3e-2: 35.8). Chosen on the
-    # source only (seed 0, 64 clean images; docs/dg_benchmark.md, "A head that converges").
+    # source only (seed 0, 64 clean images; docs/figures/testbed_log.md, "A head that converges").
     # num_queries is not the head's (it takes none): it sets Rein's token count (dgss.testbed.experiment), as before.
     # The classifier keeps DINO's N(0, 0.01) start. A zero start (model.head.classifier_init: zeros, ViT's
     # fine-tuning head) was tried after a crossing showed the random start carries Full's target result by
     # seed; under it Full spread more (sd 1.49 against 1.18) and the probe rows did not move, so the stream
-    # carries it as well as the start (docs/dg_benchmark.md, "The head's start").
+    # carries it as well as the start (docs/figures/testbed_log.md, "The head's start").
     head = {"type": "linear", "num_queries": 24}
     # Every tensor a method adapts the backbone with trains at 1e-3, a tenth of the head's lr, as Full's
     # backbone does (DEFAULT_BACKBONE_LR_MULT): the Reins, LoRA's and SoMA's factors, FisherTune's delta.
     # At the head's 1e-2 (the official configs' ratio for the PEFT methods) Rein's target mean varied
     # 1.14 points over seeds and SoMA's 1.9, past P4's 1.0, and LoRA fitted the source worse than Frozen.
     # Rein's change was chosen on the validation family; the rule then extended to the others before
-    # any of their runs at 1e-3 (docs/dg_benchmark.md, "One lr for every adapting tensor").
+    # any of their runs at 1e-3 (docs/figures/testbed_log.md, "One lr for every adapting tensor").
     method_overrides = {"rein": ["method.rein.lr_mult=0.1"], "lora": ["method.backbone_lr_mult=0.1"],
                         "soma": ["method.backbone_lr_mult=0.1"], "fishertune": ["method.backbone_lr_mult=0.1"]}
     # The head trains by SGD with momentum 0.9 at lr 1e-2, as linear probes are trained (DINO's
@@ -103,18 +103,18 @@ def _testbed_world() -> World:
     # maps differed by 41% (cosine 0.91) and their target means by up to 3.1 points (P4 failed, 1.7-1.9)
     # while their source fits agreed; AdamW's normalised steps random-walk the directions the source does
     # not constrain. SGD leaves them at the small start. Chosen on the source and the blur family
-    # (docs/dg_benchmark.md, "An SGD probe").
+    # (docs/figures/testbed_log.md, "An SGD probe").
     head_optim = {"optimizer": "sgd", "lr_mult": 1.0, "momentum": 0.9}
     # Every model is evaluated with its head's BatchNorm statistics estimated on 64 source batches
     # (PreciseBN), as WiSE-FT's averaged backbone already was: the running average of training is one of
-    # its last ten batches, and it differed by seed (docs/dg_benchmark.md, "An SGD probe")
+    # its last ten batches, and it differed by seed (docs/figures/testbed_log.md, "An SGD probe")
     precise_bn_batches = 64
     # Every row's lr decays by half a cosine, not poly 0.9: cosine spends 2.7 x as many iterations below a
     # tenth of the lr at the same budget, so the last weights average more batches. Under poly, the
     # label-pretrained rows' seeds ended up to 1.8 (frozen-label) and 3.3 points apart (fishertune-label)
     # although twice the iterations brought two frozen-label seeds within 0.03: the seeds differed in
     # where the last few hundred steps left them. Cosine brought frozen-label's spread from 0.99 to 0.40
-    # and its blur spread from 0.62 to 0.30 (docs/dg_benchmark.md, "A cosine decay")
+    # and its blur spread from 0.62 to 0.30 (docs/figures/testbed_log.md, "A cosine decay")
     lr_decay = "cosine"
     # objects "visible": trucks, buses and trains that can be told apart, and traffic signs a token wide
     return World(name="testbed", source="clean",

@@ -4,7 +4,7 @@ Full fine-tuning from a randomly initialised head distorts good pretrained featu
 large gradients flow into the backbone. LP-FT trains the head alone on the frozen backbone for the
 first ``method.lpft.probe_fraction`` of the iterations (linear probing's role; here the probe is the
 segmentation head), then every backbone parameter trains as in ``full`` (lr x 0.1 by default). It is
-the testbed's positive control for feature distortion (docs/dg_benchmark.md, precondition P5).
+the testbed's positive control for feature distortion (docs/testbed.md, precondition P5).
 """
 
 from __future__ import annotations

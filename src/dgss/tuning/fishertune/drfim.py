@@ -10,7 +10,7 @@ p = N(theta_pt, tau^2 I)):
 Taken literally, the first term is in loss^2 / theta^2 units and the second is a pure number, so their
 sum ranks by whichever happens to be larger (fishertune.md §2: the plain form was the domain term
 alone). What dgss does where the paper gives no number (fishertune.md §3; measured in
-docs/benchmarks.md, "FisherTune's ranking"):
+docs/performance.md, "FisherTune's ranking"):
 
 1. **Per-sample Fisher** (``per_sample``, default): F = mean over images of the squared gradient of that
    image's loss. With ``per_sample=False`` the squared gradient of the batch-mean loss is multiplied by
@@ -55,7 +55,7 @@ Nothing depends on the dataset size (the paper's N_eff is absorbed into gamma), 
 Memory (``estimate_memory="streamed"``, the default): gradients go into their sums tensor by tensor
 (:mod:`.fisher`); under torch.distributed each process keeps its own sums, reduced tensor by tensor where
 read; scores and quantiles never exist for all tensors at once (:mod:`.streaming`). What stays is the
-weights, the two sums and theta: 16 bytes per eligible entry (docs/benchmarks.md, section 6).
+weights, the two sums and theta: 16 bytes per eligible entry (docs/performance.md, section 6).
 """
 
 from __future__ import annotations
