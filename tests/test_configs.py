@@ -18,6 +18,7 @@ TINY_HEAD = [
     "model.head.pixel_decoder_layers=1", "model.head.pixel_decoder_ffn_dim=32", "model.head.decoder_layers=2",
     "model.head.decoder_ffn_dim=32", "model.head.num_points_loss=64",
     "method.rein.num_tokens=8", "method.rein.query_dim=32",
+    "method.fada.num_tokens=8", "method.fada.query_dim=32",
     "method.soma.start_block=1",  # SoMA's published configs tune blocks 8-23; the tiny models have 4
 ]
 

@@ -183,6 +183,24 @@ def test_dinov2_l_has_the_public_codes_2061825_trainable_parameters():
     assert set(frozen.reins.state_dict()) == set(method.reins.state_dict())  # the same file layout
 
 
+def test_shipped_configs_follow_the_public_config():
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "configs" / "fada"
+    cfg = load_config(configs / "dinov2-l_gtav_512.yaml")
+    # rein_dinov2_mask2former_512x512_bs1x4.py: batch 4 (21), AdamW 1e-4 / 0.05 (28-30), poly over 40k (42-47)
+    assert (cfg.train.iters, cfg.train.batch_size, cfg.train.lr, cfg.train.weight_decay, cfg.train.poly_power) == \
+        (40000, 4, 1e-4, 0.05, 0.9)
+    assert (cfg.eval.mode, cfg.eval.crop_size, cfg.eval.stride) == ("slide", [512, 512], [341, 341])  # model file 164-168
+    assert cfg.method.fada == FADAConfig() and cfg.model.head.num_queries == cfg.method.fada.num_tokens == 100
+    assert (cfg.model.backbone, cfg.model.img_size, cfg.model.patch_size) == ("dinov2_l", 512, 16)
+    dinov3 = load_config(configs / "dinov3-l_gtav_512.yaml")
+    assert dinov3.method.fada == FADAConfig() and dinov3.train == cfg.train and dinov3.eval == cfg.eval
+    with torch.device("meta"):
+        method = build_method(dinov3.method, build_backbone("dinov3_l"))
+    assert method.num_trainable_backbone_parameters() == 2_061_825 and method.num_prefix_tokens == 5
+
+
 def test_init_follows_the_public_code():
     torch.manual_seed(0)
     reins = FrequencyReins(24, 1024, num_tokens=100, lora_rank=16, query_dim=256)
