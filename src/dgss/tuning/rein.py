@@ -31,7 +31,10 @@ __all__ = [
     "TOKEN_INIT_PATCH_SIZE",
     "token_init_bound",
     "Reins",
+    "ReinOperands",
     "ReinSite",
+    "TOKEN_ALIGNMENT",
+    "compute_dtype",
     "rein_sites",
     "Rein",
     "refine_in_layout",
@@ -115,55 +118,96 @@ class Reins(nn.Module):
             return self.learnable_tokens_a @ self.learnable_tokens_b
         return self.learnable_tokens_a[layer] @ self.learnable_tokens_b[layer]
 
-    def refine(self, feats: torch.Tensor, layer: int) -> torch.Tensor:
-        """f' = f + scale * mlp_delta_f(delta_bar + f) for the patch tokens f (B x N x C) after ``layer``."""
-        if _inference_only():
-            return self._refine_inference(feats, layer)
-        tokens = self.tokens(layer)  # M x C
-        attention = torch.softmax(feats @ tokens.t() * self.embed_dim**-0.5, dim=-1)  # B x N x M
-        # Token 0 stays in the softmax denominator but gets no value: a sink that lets a patch take
-        # less than a full unit of refinement.
-        delta_bar = attention[..., 1:] @ self.mlp_token2feat(tokens[1:])  # B x N x C
-        delta = self.mlp_delta_f(delta_bar + feats)
-        return feats + self.scale * delta
+    def refine(self, feats: torch.Tensor, layer: int, operands: Optional["ReinOperands"] = None) -> torch.Tensor:
+        """f' = f + scale * mlp_delta_f(delta_bar + f) for the patch tokens f (B x N x C) after ``layer``.
 
-    def _refine_inference(self, feats: torch.Tensor, layer: int) -> torch.Tensor:
+        ``operands``: this forward's input-independent operands of every layer (:meth:`training_operands`
+        or :meth:`inference_operands`), which :class:`Rein` computes once per backbone forward; None:
+        computed here. Without autograd the rearranged inference path runs (:meth:`_refine_inference`)."""
+        inference = _inference_only()
+        if operands is None or operands.inference != inference or not operands.fits(feats):
+            operands = (self.inference_operands(compute_dtype(feats)) if inference
+                        else self.training_operands(layer=layer))
+        if inference:
+            return self._refine_inference(feats, operands.index(layer), operands)
+        return self._refine_training(feats, operands.index(layer), operands)
+
+    def _refine_training(self, feats: torch.Tensor, index: int, ops: "ReinOperands") -> torch.Tensor:
+        """rein.md's equations with autograd, the constants folded into operands computed once per forward:
+
+            S = softmax(f (T / sqrt(C))^T + mask)     (T padded to M' rows; the mask is -inf on the pad)
+            x = f + S V                               (V = [0; mlp_token2feat(T[1:]); 0]: token 0 is the sink)
+            f' = f + x (s W)^T + s b                  (W, b = mlp_delta_f, s = scale)
+
+        The padded rows take exactly zero attention and give zero values, so the sums are rein.md's; the
+        inner sizes are M' (a multiple of 8: tensor-core aligned), not M and M - 1. f stays in its own
+        dtype (the residual stream); products run in the autocast dtype when autocast is on."""
+        shape = feats.shape
+        flat = feats.reshape(-1, shape[-1])
+        logits = flat @ ops.logits_t[index] if ops.mask is None else torch.addmm(ops.mask, flat, ops.logits_t[index])
+        attention = torch.softmax(logits, dim=-1)  # (B N) x M'
+        mixed = torch.addmm(flat, attention, ops.values[index])  # f + S[:, 1:] mlp_token2feat(T[1:])
+        return feats + nn.functional.linear(mixed, ops.weight, ops.bias).view(shape)
+
+    def _refine_inference(self, feats: torch.Tensor, index: int, ops: "ReinOperands") -> torch.Tensor:
         """``refine`` without autograd, rearranged so that every input-independent product is done once.
 
         With W, b = mlp_delta_f, s = scale, S = the token attention and V = mlp_token2feat(T[1:]):
 
-            f' = f + s (W (S[:, 1:] V + f) + b) = f + f (s W)^T + S[:, 1:] (s V W^T) + s b
+            f' = f + s (W (S[:, 1:] V + f) + b) = f + [f (s W)^T + s b] + S (s V W^T)
 
-        The per-pass work is then one C x C product (the floor: mlp_delta_f reads every token), the
-        N x C x M logits and the N x M x C aggregation; mlp_token2feat, the token product A B and three
-        elementwise passes are gone (issue 11, docs/benchmarks.md).
-        """
-        logits_t, values, weight_t, bias = self._inference_operands(feats.dtype)
-        shape = feats.shape
-        flat = feats.reshape(-1, shape[-1])
-        attention = torch.softmax(flat @ logits_t[layer], dim=-1)  # (B N) x M
-        if torch.is_autocast_enabled(feats.device.type):
-            # Products in the autocast dtype, the residual stream f kept in its own (as in ``refine``).
-            delta = torch.addmm(bias, flat, weight_t)
-            delta.addmm_(attention[:, 1:].to(delta.dtype), values[layer].to(delta.dtype))
-            return feats + delta.view(shape)
-        out = torch.addmm(flat, flat, weight_t)  # f + f (s W)^T in one product, f exact
-        out.addmm_(attention[:, 1:], values[layer]).add_(bias)
-        return out.view(shape)
+        Two GEMMs per layer, the floor (the softmax sits between them): one product of f with the
+        concatenation [(s W)^T | T^T / sqrt(C)] gives the bracket and the logits at once (f is read once),
+        then S (s V W^T) is added into the bracket in place. Operands are cached in the compute dtype (the
+        autocast dtype under autocast: no cast per call), inner sizes padded to M' (exact, as in
+        :meth:`_refine_training`); the softmax runs in the compute dtype (bf16 kernels accumulate in fp32),
+        the residual f is added in its own dtype."""
+        shape, channels = feats.shape, feats.shape[-1]
+        flat = feats.reshape(-1, channels).to(ops.dtype)
+        both = torch.addmm(ops.bias, flat, ops.weight[index])  # (B N) x (C + M'): [f (sW)^T + s b | logits]
+        delta, logits = both[:, :channels], both[:, channels:]
+        attention = torch.softmax(logits, dim=-1, dtype=ops.dtype)
+        delta.addmm_(attention, ops.values[index])
+        return feats + delta.view(shape)
 
-    def _inference_operands(self, dtype: torch.dtype):
-        """The input-independent operands of :meth:`_refine_inference`, computed once and reused until a
-        parameter changes (the cache key covers storage, dtype, device and in-place version)."""
+    def training_operands(self, layer: Optional[int] = None) -> "ReinOperands":
+        """The operands of :meth:`_refine_training` for every layer (or one ``layer``), with autograd: one
+        batched token product and one batched ``mlp_token2feat`` for all layers instead of one per layer."""
+        tokens = self.tokens() if layer is None else self.tokens(layer)[None]  # L x M x C
+        padded = _padded_tokens(tokens.shape[1])
+        logits_t = nn.functional.pad(tokens * self.embed_dim**-0.5, (0, 0, 0, padded - tokens.shape[1]))
+        values = nn.functional.pad(self.mlp_token2feat(tokens[:, 1:]), (0, 0, 1, padded - tokens.shape[1]))
+        scale = self.scale
+        return ReinOperands(
+            inference=False, first_layer=layer or 0, dtype=logits_t.dtype, logits_t=logits_t.transpose(1, 2),
+            values=values, weight=scale * self.mlp_delta_f.weight, bias=scale * self.mlp_delta_f.bias,
+            mask=_token_mask(tokens.shape[1], padded, logits_t.dtype, logits_t.device),
+            versions=_versions(self))
+
+    def inference_operands(self, dtype: torch.dtype) -> "ReinOperands":
+        """The operands of :meth:`_refine_inference` in ``dtype``, computed once and reused until a parameter
+        changes (the cache key covers storage, dtype, device and in-place version)."""
         key = (dtype, parameter_state(self))
         cached = getattr(self, "_inference_cache", None)
         if cached is None or cached[0] != key:
-            tokens = self.tokens()  # L x M x C
-            logits_t = (tokens * self.embed_dim**-0.5).transpose(1, 2)  # L x C x M
-            w, b, s = self.mlp_delta_f.weight, self.mlp_delta_f.bias, self.scale
-            values = s * (self.mlp_token2feat(tokens[:, 1:]) @ w.t())  # L x (M-1) x C
-            operands = tuple(t.to(dtype).contiguous() for t in (logits_t, values, s * w.t(), s * b))
-            cached = self._inference_cache = (key, operands)
+            with torch.autocast(self.scale.device.type, enabled=False):  # exact products, then one rounding
+                cached = self._inference_cache = (key, self._fold_inference_operands(dtype))
         return cached[1]
+
+    def _fold_inference_operands(self, dtype: torch.dtype) -> "ReinOperands":
+        tokens = self.tokens()  # L x M x C
+        layers, count, channels = tokens.shape
+        padded = _padded_tokens(count)
+        w, b, s = self.mlp_delta_f.weight, self.mlp_delta_f.bias, self.scale
+        logits_t = nn.functional.pad(tokens * self.embed_dim**-0.5, (0, 0, 0, padded - count)).transpose(1, 2)
+        weight = torch.cat([(s * w.t()).expand(layers, channels, channels), logits_t], dim=2)  # L x C x (C + M')
+        mask = _token_mask(count, padded, tokens.dtype, tokens.device)
+        bias = torch.cat([s * b, mask if mask is not None else tokens.new_zeros(padded)])
+        values = s * (self.mlp_token2feat(tokens[:, 1:]) @ w.t())  # L x (M-1) x C
+        values = nn.functional.pad(values, (0, 0, 1, padded - count))  # L x M' x C: the sink and pad rows 0
+        return ReinOperands(inference=True, first_layer=0, dtype=dtype, logits_t=None,
+                            values=values.to(dtype).contiguous(), weight=weight.to(dtype).contiguous(),
+                            bias=bias.to(dtype), mask=None, versions=())
 
     def queries(self) -> torch.Tensor:
         """The token-to-query link: M x Q, from the parameters only (all M tokens, token 0 included)."""
@@ -172,6 +216,66 @@ class Reins(nn.Module):
         # Flattening M x Q x 3 interleaves per channel: [q0_max, q0_mean, q0_last, q1_max, ...],
         # the order the official ``merge.weight`` was trained with.
         return self.merge(pooled.flatten(1))
+
+
+# Inner sizes of Rein's token GEMMs are padded to a multiple of this: the tensor cores' alignment for
+# bf16/fp16 (16 bytes), which also covers TF32's 4. Exact: padded tokens take zero attention and give zero
+# values (their logits are -inf, their value rows 0).
+TOKEN_ALIGNMENT = 8
+
+
+def _padded_tokens(count: int) -> int:
+    return -(-count // TOKEN_ALIGNMENT) * TOKEN_ALIGNMENT
+
+
+def _token_mask(count: int, padded: int, dtype: torch.dtype, device) -> Optional[torch.Tensor]:
+    """0 for the M real tokens, -inf for the padding (None when there is none)."""
+    if padded == count:
+        return None
+    mask = torch.zeros(padded, dtype=dtype, device=device)
+    mask[count:] = float("-inf")
+    return mask
+
+
+def _versions(module: nn.Module) -> tuple:
+    return tuple(p._version for p in module.parameters())
+
+
+def compute_dtype(feats: torch.Tensor) -> torch.dtype:
+    """The dtype Rein's products run in: autocast's on the features' device when it is on, else theirs."""
+    device = feats.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else feats.dtype
+
+
+@dataclass
+class ReinOperands:
+    """The input-independent operands of one :class:`Reins`' refinements in one forward pass (every layer).
+
+    Training: ``logits_t`` L x C x M' (T / sqrt(C), transposed, padded), ``values`` L x M' x C
+    (mlp_token2feat(T[1:]) between a zero sink row and zero pad rows), ``weight``/``bias`` s W and s b,
+    ``mask`` (M': 0, or -inf on the pad). Inference: ``weight`` L x C x (C + M') = [(s W)^T | logits_t],
+    ``bias`` [s b | mask], ``values`` L x M' x C = s V W^T padded, all in ``dtype``."""
+
+    inference: bool
+    first_layer: int  # the layer of index 0 (operands of one layer only: that layer)
+    dtype: torch.dtype
+    logits_t: Optional[torch.Tensor]
+    values: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    mask: Optional[torch.Tensor]
+    versions: tuple  # training: the parameters' in-place versions they were computed at
+
+    def index(self, layer: int) -> int:
+        index = layer - self.first_layer
+        if not 0 <= index < self.values.shape[0]:
+            raise IndexError(f"Rein operands of layers {self.first_layer}..{self.first_layer + self.values.shape[0] - 1} "
+                             f"asked for layer {layer}")
+        return index
+
+    def fits(self, feats: torch.Tensor) -> bool:
+        """Whether these operands serve ``feats`` now: the compute dtype (inference) matches."""
+        return self.inference is False or self.dtype == compute_dtype(feats)
 
 
 @dataclass(frozen=True)
@@ -269,6 +373,7 @@ class Rein(TuningMethod):
         # rein.md: SAM keeps the head's learned content queries; elsewhere they are querys2feat(queries).
         self.query_content = "learned" if backbone.family == "sam" else "querys2feat"
         self._hook_handles: list = []
+        self._operands: Optional[list[ReinOperands]] = None  # this forward's, per group (_prepare_operands)
 
     def parameter_groups(self, lr: float, weight_decay: float, backbone_lr_mult: float = 1.0) -> list[dict]:
         """The Reins at lr x ``lr_mult``, the neck (if any) at lr; the backbone trains nothing."""
@@ -292,16 +397,45 @@ class Rein(TuningMethod):
             for layer, block_index in enumerate(site.block_indices):
                 hook = functools.partial(self._refine_block_output, group, layer)
                 self._hook_handles.append(backbone.blocks[block_index].register_forward_hook(hook))
+        if type(self)._refine_block_output is Rein._refine_block_output:  # a subclass refining its own way skips it
+            self._hook_handles.append(backbone.register_forward_pre_hook(self._prepare_operands))
+            self._hook_handles.append(backbone.register_forward_hook(self._release_operands))
+
+    def _prepare_operands(self, backbone, args) -> None:
+        """Before each backbone forward: every layer's input-independent operands, once (issue 38).
+
+        Outside every block, so activation checkpointing does not recompute them: a block re-run in the
+        backward pass reuses the operands of its forward (they stay until the next forward). Without
+        autograd they come from the parameter-keyed cache, whose key is checked here once, not per layer."""
+        images = args[0] if args and torch.is_tensor(args[0]) else None
+        if _inference_only():
+            dtype = compute_dtype(images) if images is not None else self.reins_groups[0].scale.dtype
+            self._operands = [group.inference_operands(dtype) for group in self.reins_groups]
+        else:
+            self._operands = [group.training_operands() for group in self.reins_groups]
+
+    def _release_operands(self, backbone, args, output) -> None:
+        if self._operands is not None and self._operands[0].inference:  # nothing will re-run: free them now
+            self._operands = None
+
+    def _operands_of(self, group: int) -> Optional[ReinOperands]:
+        """This forward's operands of ``group``, or None (a block run outside the backbone's forward, or the
+        parameters changed in place since they were computed): the refinement then computes its own."""
+        operands = self._operands[group] if self._operands is not None else None
+        if operands is not None and not operands.inference and operands.versions != _versions(self.reins_groups[group]):
+            return None
+        return operands
 
     def detach_hooks(self) -> None:
         """Remove the hooks: the backbone runs unrefined again."""
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles.clear()
+        self._operands = None
 
     def _refine_block_output(self, group: int, layer: int, module, inputs, output: torch.Tensor) -> torch.Tensor:
         # A pure function of its inputs and the parameters: activation checkpointing may re-run it.
-        refine = functools.partial(self.reins_groups[group].refine, layer=layer)
+        refine = functools.partial(self.reins_groups[group].refine, layer=layer, operands=self._operands_of(group))
         return refine_in_layout(refine, output, self.token_layout, self.num_prefix_tokens)
 
     def head_queries(self) -> torch.Tensor:
