@@ -95,15 +95,15 @@ def test_coarse_to_fine_on_a_tiny_model_equals_its_two_passes_resized_and_averag
     with_eval(model, mode="coarse_to_fine", scale=1.0, coarse_scale=0.5, coarse_weight=0.5, crop_size=[64, 64],
               stride=[32, 32])
     x = images()
-    coarse = model.whole_inference(F.interpolate(x, size=(32, 48), mode="bilinear", align_corners=False))
+    half = F.interpolate(x, size=(32, 48), mode="bilinear", align_corners=False, antialias=True)  # low-passed
+    padded = F.pad(half, (0, 16, 0, 0))  # 32 x 48 -> 32 x 64: multiples of 32 (stride) and 16 (patch)
+    coarse = model.whole_inference(padded)[..., :32, :48]
     coarse = F.interpolate(coarse, size=(64, 96), mode="bilinear", align_corners=False)
     fine = model.slide_inference(x)
     torch.testing.assert_close(model.inference(x), 0.5 * coarse + 0.5 * fine, rtol=0, atol=1e-7)
-    # the predictor fuses each view the same way (its passes pad to the network's sizes)
-    by_hand = 0.5 * F.interpolate(_padded_inference(model, F.interpolate(x, size=(32, 48), mode="bilinear",
-                                                                          align_corners=False), "whole", None, None),
-                                  size=(64, 96), mode="bilinear", align_corners=False) + 0.5 * fine
-    torch.testing.assert_close(tta_inference(model, x, mode="coarse_to_fine"), by_hand, rtol=0, atol=1e-7)
+    # the predictor fuses each view the same way
+    torch.testing.assert_close(tta_inference(model, x, mode="coarse_to_fine"), 0.5 * coarse + 0.5 * fine,
+                               rtol=0, atol=1e-7)
 
 
 def test_bad_scales_are_one_error_naming_the_key():
@@ -125,6 +125,26 @@ def test_dgss_eval_scale_two_runs_end_to_end(tiny, tmp_path, capsys):
         assert results["datasets"][r.name]["miou"] == pytest.approx(r.miou, abs=1e-4), r.name
     with pytest.raises(SystemExit):  # argparse names the choices
         main(["eval", str(config), "--checkpoint", str(model_file), "--mode", "pyramid"])
+
+
+def test_a_resize_box_is_scaled_instead_of_the_resized_images(tiny):
+    # Cityscapes' [1024, 512] at scale 2 must read the originals at 2048 x 1024 (one resampling), not
+    # blow a 1024 x 512 image up: here a [48, 32] box at 2 equals a [96, 64] box at 1 exactly
+    _, cfg, model, _ = tiny
+    model.eval_cfg = dataclasses.replace(cfg.eval, mode="coarse_to_fine")
+    test = cfg.data.test[0]
+    halved = dataclasses.replace(test, resize=[48, 32])
+    full = dataclasses.replace(test, resize=[96, 64])
+    # the coarse pass sees 48 x 32 in both: 1.0 of the 48 x 32 frame = 0.5 of the 96 x 64 one
+    scaled = evaluate_datasets(with_eval(model, scale=2.0, coarse_scale=1.0), [halved], cfg, DistContext())[0]
+    assert model.eval_cfg.scale == 2.0 and model.eval_cfg.coarse_scale == 1.0  # restored afterwards
+    plain = evaluate_datasets(with_eval(model, scale=1.0, coarse_scale=0.5), [full], cfg, DistContext())[0]
+    assert scaled.iou == plain.iou and scaled.miou == plain.miou
+    from dgss.engine.evaluate import _evaluate  # the image path: the 48 x 32 images blown up by 2
+
+    with_eval(model, scale=2.0, coarse_scale=1.0)
+    blown_up = _evaluate(model, halved, cfg, DistContext(), amp="none", num_workers=None, progress=False)
+    assert blown_up.iou != plain.iou  # what resizing the 48 x 32 image would have evaluated instead
 
 
 def test_dgss_predict_takes_the_mode_and_the_scale(tiny, tmp_path, capsys):

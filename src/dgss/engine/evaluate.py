@@ -12,6 +12,7 @@ Markdown reports (protocols.md "Evaluation").
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import sys
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from ..config import DatasetConfig, ExperimentConfig
 from ..data import build_eval_loader
+from ..models.inference import scale_box, scale_folded
 from ..precision import apply_tf32
 from .distributed import DistContext
 from .metrics import ConfusionMatrix
@@ -57,7 +59,32 @@ def evaluate_dataset(model, ds_cfg: DatasetConfig, cfg: ExperimentConfig, ctx: D
                      *, amp: str = "none", num_workers: Optional[int] = None, progress: bool = False) -> DatasetResult:
     """Scores of ``model`` (a Segmentor, inference as ``cfg.eval`` says) on one dataset. Each process
     evaluates its share of the images; the confusion matrices are summed over processes. ``progress``:
-    a tqdm bar of the images on the main process (``dgss eval`` follows ``train.progress_bar``)."""
+    a tqdm bar of the images on the main process (``dgss eval`` follows ``train.progress_bar``).
+
+    ``model.eval_cfg.scale`` (``eval.scale``) scales a dataset's resize box (``resize``) when it has one
+    (Cityscapes [1024, 512] at 2.0 reads its images at 2048 x 1024, resampled once from the originals,
+    as mmseg's ``Resize(scale=(2048, 1024))``), else the images themselves (dgss.models.inference)."""
+    eval_cfg = getattr(model, "eval_cfg", None)
+    if eval_cfg is None or eval_cfg.scale == 1.0 or ds_cfg.resize is None:
+        return _evaluate(model, ds_cfg, cfg, ctx, amp=amp, num_workers=num_workers, progress=progress)
+    ds_cfg = dataclasses.replace(ds_cfg, resize=scale_box(ds_cfg.resize, eval_cfg.scale))
+    with _inference_settings(model, scale_folded(eval_cfg)):
+        return _evaluate(model, ds_cfg, cfg, ctx, amp=amp, num_workers=num_workers, progress=progress)
+
+
+@contextlib.contextmanager
+def _inference_settings(model, eval_cfg):
+    """``model.eval_cfg`` replaced while one dataset is evaluated."""
+    saved = model.eval_cfg
+    model.eval_cfg = eval_cfg
+    try:
+        yield
+    finally:
+        model.eval_cfg = saved
+
+
+def _evaluate(model, ds_cfg: DatasetConfig, cfg: ExperimentConfig, ctx: DistContext, *, amp: str,
+              num_workers: Optional[int], progress: bool) -> DatasetResult:
     loader = build_eval_loader(ds_cfg, cfg.data, rank=ctx.rank, world_size=ctx.world_size, num_workers=num_workers)
     apply_tf32(cfg.train.tf32, ctx.device)  # train.tf32 holds for evaluation too (issue 38)
     dataset = loader.dataset

@@ -14,6 +14,7 @@ Loss terms beyond the head's (``cfg.loss``: GeCo's consistency, dgss.models.geco
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
@@ -178,7 +179,13 @@ class Segmentor(nn.Module):
         """Scores in ``eval_cfg.mode`` ("slide", "whole" or "coarse_to_fine") at ``eval_cfg.scale``,
         bilinearly resized to ``out_size`` (the label resolution, (H, W); default the images') so that the
         caller's argmax is taken there: B x K x H x W (:func:`dgss.models.inference.run_inference`)."""
-        return run_inference(self.whole_inference, self.slide_inference, images, self.eval_cfg, out_size)
+        return run_inference(self.whole_inference, self.slide_inference, images, self.eval_cfg, out_size,
+                             size_divisor=self.size_divisor)
+
+    @property
+    def size_divisor(self) -> int:
+        """Whole images must be multiples of this: the coarsest pyramid stride (32) and the patch."""
+        return math.lcm(32, int(getattr(self.backbone, "patch_size", 1) or 1))
 
     @torch.no_grad()
     def segment(self, images: torch.Tensor, out_size: Optional[Sequence[int]] = None) -> torch.Tensor:

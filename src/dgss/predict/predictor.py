@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ..data.image_io import pil_to_rgb, read_image, uint16_to_uint8
 from ..data.labels import TRAIN_ID_TO_LABEL_ID, colorize
 from ..data.transforms import fit_resize_shape
-from ..models.inference import INFERENCE_MODES, fuse_coarse_fine, resize_by
+from ..models.inference import INFERENCE_MODES, fuse_coarse_fine, resize_by, scale_box
 
 __all__ = ["TTA", "Prediction", "Predictor", "to_rgb_array", "parse_tta", "tta_inference", "train_ids_to_label_ids"]
 
@@ -167,7 +167,8 @@ def _padded_inference(model, images: torch.Tensor, mode: str, crop, stride) -> t
 @torch.no_grad()
 def tta_inference(model, images: torch.Tensor, tta: TTA = TTA(), *, mode: Optional[str] = None,
                   crop: Optional[Sequence[int]] = None, stride: Optional[Sequence[int]] = None,
-                  out_size: Optional[Sequence[int]] = None, scale: Optional[float] = None) -> torch.Tensor:
+                  out_size: Optional[Sequence[int]] = None, scale: Optional[float] = None,
+                  coarse_scale: Optional[float] = None) -> torch.Tensor:
     """Class scores of normalised images (B x 3 x H x W) averaged over the TTA views: B x K x h x w.
 
     Args:
@@ -176,19 +177,21 @@ def tta_inference(model, images: torch.Tensor, tta: TTA = TTA(), *, mode: Option
         crop, stride: sliding-window size and step (h, w); default ``model.eval_cfg``.
         out_size: (h, w) of the returned scores; default the images' size.
         scale: the inference scale, multiplying each view's; default ``model.eval_cfg.scale``.
+        coarse_scale: coarse_to_fine's whole-pass factor; default ``model.eval_cfg.coarse_scale``.
     """
     cfg = model.eval_cfg
     mode = mode or cfg.mode
     if mode not in INFERENCE_MODES:
         raise ValueError(f"unknown inference mode '{mode}' ({' | '.join(INFERENCE_MODES)})")
     scale = cfg.scale if scale is None else scale
+    coarse_scale = cfg.coarse_scale if coarse_scale is None else coarse_scale
     if not scale > 0:
         raise ValueError(f"the inference scale must be above 0, got {scale}")
     height, width = images.shape[-2:]
     out_size = tuple(out_size) if out_size is not None else (height, width)
 
-    def scores_at(view_scale: float, flipped: bool, view_mode: str) -> torch.Tensor:
-        view = resize_by(images, view_scale)
+    def scores_at(view_scale: float, flipped: bool, view_mode: str, antialias: bool = False) -> torch.Tensor:
+        view = resize_by(images, view_scale, antialias=antialias)
         if flipped:
             view = view.flip(-1)
         scores = _padded_inference(model, view, view_mode, crop, stride)
@@ -201,7 +204,7 @@ def tta_inference(model, images: torch.Tensor, tta: TTA = TTA(), *, mode: Option
     total = None
     for view_scale, flipped in tta.views():
         if mode == "coarse_to_fine":
-            scores = fuse_coarse_fine(scores_at(view_scale * cfg.coarse_scale, flipped, "whole"),
+            scores = fuse_coarse_fine(scores_at(view_scale * coarse_scale, flipped, "whole", antialias=True),
                                       scores_at(view_scale * scale, flipped, "slide"), cfg.coarse_weight)
         else:
             scores = scores_at(view_scale * scale, flipped, mode)
@@ -259,11 +262,15 @@ class Predictor:
         height, width = sizes.pop()
         batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
         batch = self.normalize(batch)
+        scale = self.model.eval_cfg.scale if scale is None else scale
+        coarse_scale = self.model.eval_cfg.coarse_scale
         if resize is not None:  # as the evaluation datasets: fit into a (W, H) box, predict at the input size
+            if scale != 1.0:  # the scale goes into the box: one resampling of the input (dgss.models.inference)
+                resize, coarse_scale, scale = scale_box(resize, scale), coarse_scale / scale, 1.0
             batch = F.interpolate(batch, size=fit_resize_shape(height, width, resize), mode="bilinear",
                                   align_corners=False)
         scores = tta_inference(self.model, batch, tta, mode=mode, crop=crop, stride=stride,
-                               out_size=(height, width), scale=scale).cpu()
+                               out_size=(height, width), scale=scale, coarse_scale=coarse_scale).cpu()
         labels = scores.argmax(1)
         return [Prediction(labels=labels[i], scores=scores[i]) for i in range(len(images))]
 
