@@ -447,6 +447,35 @@ def test_a_file_in_the_public_codes_layout_loads_through_dgss_load_and_eval(tmp_
         dgss.load(path, config=rein_config)
 
 
+def test_grad_checkpointing_reruns_the_hooks_on_the_recorded_grid(tmp_path):
+    """Activation checkpointing re-runs every block and its FADA hook in the backward pass; the grid the
+    patch embedding recorded is still the forward's, so the step is the same as without checkpointing."""
+    import warnings
+
+    from dgss.engine.trainer import Trainer
+
+    steps = []
+    for name, train in (("plain", {}), ("ckpt", {"grad_checkpointing": True})):
+        config = fada_config_file(tmp_path, f"fada_{name}", layout="paper")
+        cfg = load_config(config, [f"train.grad_checkpointing={str(bool(train)).lower()}", "train.iters=1",
+                                   "data.crop_size=[64,96]"])  # a 4 x 6 grid: sqrt(N) would not do
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = Trainer(cfg)
+        calls = []
+        for block in trainer.model.backbone.blocks:
+            block.register_forward_pre_hook(lambda m, args: calls.append(1))
+        losses, _ = trainer.train_step(0)
+        grads = {n: p.grad.clone() for n, p in trainer.model.method.named_parameters() if p.grad is not None}
+        steps.append((losses["loss"], grads, len(calls), len(trainer.model.backbone.blocks)))
+    (loss, grads, calls, blocks), (loss_ckpt, grads_ckpt, calls_ckpt, _) = steps
+    assert calls == blocks and calls_ckpt == 2 * blocks  # the backward pass re-ran every block
+    assert loss_ckpt == pytest.approx(loss, rel=1e-6)
+    assert grads.keys() == grads_ckpt.keys() and "reins.learnable_tokens_b2" in grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_fada_trains_evaluates_and_exports_from_the_cli(tmp_path, capsys):
     import onnxruntime as ort  # a dev dependency
 
