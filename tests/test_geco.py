@@ -2,7 +2,9 @@
 against a transcription of the public code written here line by line, its schedule, its gate, the
 gradients it sends, and its (absent) state."""
 
+import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +14,9 @@ from dgss.config import ConfigError, GeCoLossConfig, load_config, validate_confi
 from dgss.models.geco import (GeCoLoss, geodesic_consistency, perturb_feature_map, pool_to_token_budget,
                               tangent_plane_perturbation)
 from dgss.tuning.model import build_segmentor
+from test_soma_checkpoint import SOMA, merged_reference, pretrained, release_layout  # noqa: F401 (a fixture)
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY_MODEL = [
     "model.backbone=dinov2_s", "model.img_size=64", "model.backbone_kwargs={depth: 4, embed_dim: 32, num_heads: 2}",
     "model.head.num_classes=4", "model.head.num_queries=8", "model.head.hidden_dim=32",
@@ -259,3 +263,81 @@ def test_its_gradient_reaches_every_trainable_backbone_tensor_and_the_head(metho
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.head.parameters())
     assert not any(k.startswith("geco") for k in model.state_dict())  # checkpoints keep their layout
+
+
+# ------------------------------------------------------------------------------------------------
+# The GeCo configuration and its released checkpoint
+
+
+def test_the_geco_config_is_somas_public_code_config_plus_the_loss_evaluated_where_geco_evaluates():
+    from dgss.config import to_dict
+
+    geco = load_config(str(CONFIGS / "geco" / "dinov2-l_gtav_512.yaml"))
+    soma = load_config(str(CONFIGS / "soma" / "dinov2-l_gtav_512_public-code.yaml"))
+    assert geco.loss.geco.enabled and geco.loss.geco == dataclasses.replace(GeCoLossConfig(), enabled=True)
+    a, b = to_dict(geco), to_dict(soma)
+    assert {k for k in a if a[k] != b[k]} == {"name", "loss", "data"}
+    assert {k for k in a["data"] if a["data"][k] != b["data"][k]} == {"test"}
+    # the public data configs' test resize: 2048 x 1024 (Cityscapes, Mapillary), 1280 x 720 (BDD100K)
+    assert [(d.type, d.resize) for d in geco.data.test] == [("cityscapes", [2048, 1024]), ("bdd100k", [1280, 720]),
+                                                           ("mapillary", [2048, 1024])]
+    assert [dataclasses.replace(d, resize=None) for d in geco.data.test] == \
+        [dataclasses.replace(d, resize=None) for d in soma.data.test]
+
+
+def geco_release(pretrained_state, head_state, gen, *, steps=None):
+    """A GeCo training checkpoint's tensors as its public code saves them (mmengine's whole-model
+    state dict: unlike SoMA's extracted release, every backbone tensor, q/k/v split by its converter,
+    the tuned Linears' W the pretrained one, loaded over the SVD residual), from SoMA's layout."""
+    state = release_layout(pretrained_state, head_state, gen)
+    for key, value in pretrained_state.items():
+        if key.endswith("bias"):
+            continue  # release_layout holds every bias
+        if ".attn.qkv." in key:
+            for name, piece in zip("qkv", value.chunk(3)):
+                state["backbone.model." + key.replace("qkv", name)] = piece.clone()
+        else:
+            state["backbone.model." + key] = value.clone()
+    return state
+
+
+def test_a_released_geco_checkpoint_loads_through_dgss_load_and_dgss_eval(pretrained, tmp_path, capsys):
+    import json
+
+    import dgss
+    from dgss.cli import main
+    from dgss.engine.distributed import DistContext
+    from dgss.engine.evaluate import evaluate_datasets
+    from test_engine_support import tiny_config
+
+    path, pretrained_state = pretrained
+    config = tiny_config(tmp_path, "geco_release", head="mask2former", method="soma", weights=str(path))
+    overrides = [*SOMA, "loss.geco.enabled=true"]
+    cfg = load_config(config, overrides)
+    head = build_segmentor(load_config(config, [*SOMA, "method.name=frozen"])).head
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    gen = torch.Generator().manual_seed(5)
+    ema = geco_release(pretrained_state, head.state_dict(), gen)
+    raw = geco_release(pretrained_state, head.state_dict(), gen)
+    raw = {"module." + k: v for k, v in raw.items()}
+    file = tmp_path / "geco_gta_512_best.pth"
+    torch.save({"meta": {"iter": 40000, "seed": 0}, "state_dict": ema, "ema_state_dict": raw}, file)
+
+    predictor = dgss.load(file, config=config, overrides=overrides, device="cpu")
+    assert predictor.cfg.loss.geco.enabled and predictor.cfg.method.soma.init == "public_code"
+    reference = merged_reference(cfg, ema)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(predictor.model.whole_inference(x), reference.whole_inference(x), rtol=0, atol=1e-5)
+    out = tmp_path / "eval_geco"
+    assert main(["eval", str(config), "--checkpoint", str(file), "--out", str(out), "--no-progress", *overrides]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for r in evaluate_datasets(reference, cfg.data.test, cfg, DistContext()):
+        assert results["datasets"][r.name]["miou"] == pytest.approx(r.miou, abs=1e-4), r.name
+    # a file whose frozen tensors are not the pretrained ones is refused, naming the tensor
+    wrong = dict(ema, **{"backbone.model.blocks.0.attn.q.weight": ema["backbone.model.blocks.0.attn.q.weight"] + 1})
+    torch.save({"state_dict": wrong}, tmp_path / "wrong.pth")
+    with pytest.raises(Exception, match=r"blocks\.0\.attn\.qkv\.weight"):
+        dgss.load(tmp_path / "wrong.pth", config=config, overrides=overrides, device="cpu")
