@@ -55,7 +55,8 @@ class PublicWavePool(torch.nn.Module):
         for name, kernel in kernels.items():
             conv = torch.nn.Conv2d(channels, channels, kernel_size=2, stride=2, padding=0, bias=False, groups=channels)
             conv.weight.requires_grad = False
-            conv.weight.data = torch.from_numpy(kernel).unsqueeze(0).float().unsqueeze(0).expand(channels, -1, -1, -1).clone()
+            weight = torch.from_numpy(kernel).unsqueeze(0).float().unsqueeze(0)
+            conv.weight.data = weight.expand(channels, -1, -1, -1).clone()
             setattr(self, name, conv)
 
     def forward(self, x):

@@ -179,7 +179,8 @@ def load_segmentor(path: PathLike, *, config: ConfigLike = None, overrides: Sequ
             try:
                 model = segmentor_from_official_rein(cfg, {"state_dict": state})
             except (ReinCheckpointError, KeyError, RuntimeError) as err:
-                raise CheckpointError(f"{source} does not fit the {cfg.method.name} model of the config: {err}") from err
+                raise CheckpointError(f"{source} does not fit the {cfg.method.name} model of the config: "
+                                      f"{err}") from err
             kind = f"official-{method}"
         elif is_official_soma_state(state):
             cfg = public_code_config_for(_with_weights(_config_from(config, overrides, source), backbone_weights),
