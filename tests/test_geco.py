@@ -341,3 +341,36 @@ def test_a_released_geco_checkpoint_loads_through_dgss_load_and_dgss_eval(pretra
     torch.save({"state_dict": wrong}, tmp_path / "wrong.pth")
     with pytest.raises(Exception, match=r"blocks\.0\.attn\.qkv\.weight"):
         dgss.load(tmp_path / "wrong.pth", config=config, overrides=overrides, device="cpu")
+
+
+# ------------------------------------------------------------------------------------------------
+# In training
+
+
+def test_training_starts_the_term_at_start_iter_and_a_resumed_run_repeats_it_bit_for_bit(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+    from test_engine_support import tiny_config
+
+    from dgss.engine.trainer import Trainer
+
+    # a large step and weight: a random tiny head scores all pixels alike, and the loss would sit at its
+    # floor (arccos(1 - eps)^2, no gradient) with the published ones
+    geco = ["loss.geco.enabled=true", "loss.geco.start_iter=2", "loss.geco.num_neighbors=4", "loss.geco.weight=10",
+            "loss.geco.alpha=50"]
+
+    def run(name, extra, resume=None):
+        cfg = load_config(tiny_config(tmp_path, name, head="mask2former", method="full", iters=4,
+                                      checkpoint_interval=2), extra)
+        return Trainer(cfg, resume=resume).train()
+
+    final = run("geco", geco)
+    logged = [json.loads(line) for line in (final.parent / "logs" / "metrics.jsonl").read_text().splitlines()]
+    terms = [r["loss_geco"] for r in logged if r.get("kind") == "train"]
+    assert terms[:2] == [0.0, 0.0] and min(terms[2:]) > 10 * 2.1e-6  # iterations 3 and 4 (0-based 2, 3)
+    resumed = run("resumed", geco, resume=str(final.parent / "checkpoints" / "iter_0000002.safetensors"))
+    plain = run("plain", [])
+    a, b, c = load_file(str(final)), load_file(str(resumed)), load_file(str(plain))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the term has no state but the iteration and the RNG
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # and it changes the training
