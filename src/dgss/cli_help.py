@@ -57,7 +57,8 @@ DESCRIPTIONS: dict[str, str] = {
              "--auto-resume). A save that finds the disk full stops with one line (status 2), the previous "
              "checkpoint intact. " + _CONVENTION,
     "eval": "Evaluates a model on every dataset of data.test with the config's eval settings (eval.mode: "
-            "sliding window or whole image) and prints and writes RUN/eval/results.json and results.md "
+            "sliding window, whole image or coarse to fine, and eval.scale; --mode and --scale set them) and "
+            "prints and writes RUN/eval/results.json and results.md "
             "(per-class IoU, mIoU per dataset, mean over the targets), each dataset as soon as it is done. "
             + _CHECKPOINT_FORMS + " " + _CONVENTION,
     "predict": "Segments images, folders (searched recursively) and videos, and writes one sub-folder of "
@@ -136,9 +137,11 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
          "dgss eval configs/rein/dinov2-l_gtav_512.yaml --checkpoint checkpoints/dinov2_rein_and_head.pth"),
         ("a Cityscapes-trained model on the adverse-condition sets",
          "dgss eval configs/eval/rein_dinov2-l_adverse.yaml --checkpoint runs/rein_dinov2-l_citys2acdc_1024"),
-        ("whole-image inference on a CPU, results elsewhere",
-         "dgss eval configs/examples/synthetic_cpu.yaml --checkpoint runs/synthetic_cpu --device cpu "
-         "eval.mode=whole --out eval_whole"),
+        ("every target at twice the loader's size (Cityscapes: 2048 x 1024), written elsewhere",
+         "dgss eval configs/rein/dinov2-l_gtav_512.yaml --checkpoint runs/rein_dinov2-l_gtav_512 --scale 2 "
+         "--out runs/rein_dinov2-l_gtav_512/eval_x2"),
+        ("whole-image inference on a CPU (the synthetic example run)",
+         "dgss eval configs/examples/synthetic_cpu.yaml --checkpoint runs/synthetic_cpu --device cpu --mode whole"),
     ],
     "predict": [
         ("colour masks of a folder of images", "dgss predict street/ --checkpoint runs/rein_dinov2-l_gtav_512 --out preds"),
