@@ -99,6 +99,10 @@ def test_device_and_progress_become_the_config_keys(monkeypatch):
     assert cli._runtime_overrides(args) == ("train.device=cpu", "train.progress_bar=false")
     monkeypatch.setattr(cli, "_interactive", lambda: False)  # a pipe or a SLURM log: log lines only
     assert cli._runtime_overrides(argparse.Namespace(device=None, no_progress=False)) == ("train.progress_bar=false",)
+    asked = argparse.Namespace(device=None, no_progress=False, overrides=["train.progress_bar=true"])
+    assert cli._runtime_overrides(asked) == ()  # bars asked for on the command line: shown anyway
+    asked.no_progress = True
+    assert cli._runtime_overrides(asked) == ("train.progress_bar=false",)
     with pytest.raises(cli.UsageError, match="--device must be auto, cuda or cpu"):
         cli._runtime_overrides(argparse.Namespace(device="gpu", no_progress=False))
 

@@ -62,7 +62,10 @@ def _interactive() -> bool:
 
 
 def _show_progress(args: argparse.Namespace, configured: bool = True) -> bool:
-    return configured and not args.no_progress and _interactive()
+    """Bars when the config allows them and --no-progress is not given: on a terminal, or anywhere when the
+    command line asks for them (train.progress_bar=true)."""
+    asked = any(o.replace(" ", "").lower() == "train.progress_bar=true" for o in getattr(args, "overrides", []))
+    return configured and not args.no_progress and (_interactive() or asked)
 
 
 def _runtime_overrides(args: argparse.Namespace) -> tuple[str, ...]:

@@ -30,7 +30,8 @@ _CHECKPOINT_FORMS = ("--checkpoint takes a model file (RUN/model_final.safetenso
                      "(either half of RUN/checkpoints/iter_N), a run folder (its final model, else its newest "
                      "checkpoint) or an official Rein / released SoMA .pth.")
 _CONVENTION = ("--device chooses where the model runs and --no-progress replaces the progress bars by log "
-               "lines; without a terminal (a pipe, a SLURM log) there are log lines only.")
+               "lines; without a terminal (a pipe, a SLURM log) there are log lines only, unless the command "
+               "line asks for bars with train.progress_bar=true.")
 
 DESCRIPTIONS: dict[str, str] = {
     "backbones": "The backbones model.backbone accepts (names are case- and -/_-insensitive: dinov2-l and "
