@@ -244,6 +244,19 @@ def test_one_layer_equals_the_public_code(batch, side, width):
             torch.testing.assert_close(refine_in_layout(refine, x, "nlc", 1), expected)
 
 
+def test_bf16_autocast_stays_close_to_fp32_and_keeps_the_residual_stream():
+    reins = FrequencyReins(1, 32, num_tokens=5, lora_rank=4, layout="public_code")
+    randomize_(reins, std=0.2)
+    feats = 3 * torch.randn(2, 36, 32)
+    exact = reins.refine(feats, 0, grid=(6, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = reins.refine(feats, 0, grid=(6, 6))
+    assert rounded.dtype == torch.float32  # f + scale * delta: f is not rounded
+    delta = (exact - feats).abs().max().item()
+    assert delta > 0.1
+    torch.testing.assert_close(rounded, exact, rtol=0, atol=0.05 * delta)
+
+
 def test_backbone_with_fada_equals_the_public_code_block_by_block_and_queries():
     backbone = tiny_vit(img_size=96).eval()  # a 6 x 6 token grid, C = 32: the reshape mixes tokens
     method = build_method(fada_cfg(num_tokens=6, lora_rank=4, query_dim=8), backbone)

@@ -221,10 +221,13 @@ class FrequencyReins(Reins):
                 normalize: bool) -> torch.Tensor:
         """rein.md's refinement of one band x (B x N x d) with tokens (M x d), before the scale."""
         logits = x @ tokens.t()  # B x N x M
-        if normalize:  # F.instance_norm of the N x B x M logits: per token and image, over the M tokens
-            mean = logits.mean(dim=-1, keepdim=True)
-            var = logits.var(dim=-1, unbiased=False, keepdim=True)
-            logits = (logits - mean) * torch.rsqrt(var + INSTANCE_NORM_EPS)
+        if normalize:
+            # F.instance_norm of the public code's N x B x M logits: per token and image, over the M tokens,
+            # biased variance. Written out because ONNX cannot export instance_norm over a dynamic batch;
+            # in float32, as autocast runs instance_norm
+            wide = logits.float()
+            mean, var = wide.mean(dim=-1, keepdim=True), wide.var(dim=-1, unbiased=False, keepdim=True)
+            logits = ((wide - mean) * torch.rsqrt(var + INSTANCE_NORM_EPS)).to(logits.dtype)
         attention = torch.softmax(logits * self.full_dim**-0.5, dim=-1)
         # token 0 is in the softmax but gives no value: Rein's sink (rein.md)
         delta_bar = attention[..., 1:] @ token2feat(tokens[1:])
