@@ -99,8 +99,8 @@ class _Kernel(nn.Module):
 
 
 class HaarWavePool(nn.Module):
-    """One 2 x 2 stride-2 Haar analysis of every channel: B x C x h x w -> B x C x 4 x h/2 x w/2
-    (bands in the order LL, LH, HL, HH)."""
+    """Four depthwise 2 x 2 stride-2 filters of every channel, starting as the Haar analysis:
+    B x C x h x w -> B x C x 4 x h/2 x w/2 (bands in the order LL, LH, HL, HH)."""
 
     def __init__(self, channels: int, *, trainable: bool = True) -> None:
         super().__init__()
