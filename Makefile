@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install wheel clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+# the wheel `pip install dgss-*.whl` installs (configs and assets inside; tests/test_packaging.py checks it)
+wheel: $(STAMP)
+	$(PY) -m pip wheel --no-deps --no-build-isolation --quiet . -w dist
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
