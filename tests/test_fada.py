@@ -283,6 +283,27 @@ def test_backbone_with_fada_equals_the_public_code_block_by_block_and_queries():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_sam_gets_fada_after_its_global_blocks_on_their_grid_and_cnns_are_refused():
+    from conftest import tiny_overrides
+
+    sam = build_backbone("sam_h", img_size=64, **tiny_overrides("sam_h")).eval()
+    method = build_method(fada_cfg(num_tokens=6, lora_rank=4, query_dim=8, layout="paper", train_wavelet=False), sam)
+    assert method.sites[0].block_indices == (1, 3)  # the global-attention blocks, as Rein's
+    randomize_(method, std=0.3)
+    inputs = {}
+    hooks = [sam.blocks[i].register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0])) for i in (1, 2)]
+    with torch.no_grad():
+        sam(torch.randn(2, 3, 64, 96))  # B x 4 x 6 x C blocks: the grid comes from the block output
+        for hook in hooks:
+            hook.remove()
+        method.detach_hooks()
+        raw = sam.blocks[1](inputs[1])
+        expected = paper_reference(method.reins, raw.reshape(2, 24, -1), (4, 6)).view_as(raw)
+    torch.testing.assert_close(inputs[2], expected)
+    with pytest.raises(ValueError, match="needs a transformer backbone"):
+        build_method(fada_cfg(), build_backbone("resnet50", **tiny_overrides("resnet50")))
+
+
 def test_public_code_layout_transforms_each_tokens_channels_not_the_image():
     """When 2w divides C the public code's "image" is each token's channels as a (C/w) x w picture: a map
     constant over space still has high-frequency bands, and a token's bands do not depend on the batch."""
