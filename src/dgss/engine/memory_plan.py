@@ -83,6 +83,10 @@ class MemoryPlan:
     gpu_memory: Optional[int] = None
     change: Optional[str] = None
     variants: list = field(default_factory=list)
+    # whether train.grad_checkpointing is worth its time here (issue 38), given gpu_memory: "not needed"
+    # (the run fits without it), "needed" (it fits only with it), "not enough" (neither), "no effect"
+    # (nothing in the backbone trains: the trainer skips it); None without a GPU size
+    checkpointing: Optional[str] = None
 
     @property
     def estimate_peak(self) -> int:
@@ -172,6 +176,9 @@ class Planner:
         self.head_grad_bytes = _nbytes(p for p in model.head.parameters() if p.requires_grad)
         if model.backbone.neck is not None:
             self.head_grad_bytes += _nbytes(p for p in model.backbone.neck.parameters() if p.requires_grad)
+        from .speed import checkpointing_needed
+
+        self.checkpointing_effective = checkpointing_needed(model)
         method = model.method
         self.fishertune = None
         if method.name == "fishertune":
@@ -340,6 +347,17 @@ def _describe(change: dict, cfg) -> str:
     return " ".join(parts)
 
 
+def _checkpointing_verdict(planner: Planner, gpus: int, gpu_memory: int) -> str:
+    """:attr:`MemoryPlan.checkpointing` for the configured run on ``gpus`` GPUs of ``gpu_memory``."""
+    if not planner.checkpointing_effective:
+        return "no effect"
+    if planner.plan(gpus=gpus, gpu_memory=gpu_memory, grad_checkpointing=False).fits:
+        return "not needed"
+    if planner.plan(gpus=gpus, gpu_memory=gpu_memory, grad_checkpointing=True).fits:
+        return "needed"
+    return "not enough"
+
+
 def plan_memory(cfg, *, gpus: int = 1, gpu_memory: Optional[int] = None, device: str = "cuda",
                 variants: bool = True, planner: Optional[Planner] = None) -> MemoryPlan:
     """The plan of ``cfg`` as configured, its variants (fp32/bf16 x checkpointing x DDP/FSDP) and, when
@@ -361,6 +379,8 @@ def plan_memory(cfg, *, gpus: int = 1, gpu_memory: Optional[int] = None, device:
                     plan.variants.append({"amp": amp, "grad_checkpointing": ckpt, "parallel": parallel,
                                           "training_peak": v.training_peak, "estimate_peak": v.estimate_peak,
                                           "total_bytes": v.total_bytes, "fits": v.fits})
+    if gpu_memory is not None:
+        plan.checkpointing = _checkpointing_verdict(planner, gpus, gpu_memory)
     if plan.fits is False and plan.estimate and plan.estimate_peak > usable_memory(gpu_memory):
         # the estimate runs unsharded in fp32 without checkpointing: only a larger GPU helps
         plan.change = (f"FisherTune's estimate alone needs {plan.estimate_peak / GIB:.1f} GiB per process: a GPU with at "

@@ -37,6 +37,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .speed import checkpointing_needed
+
 __all__ = ["Peak", "StepPeaks", "LiveBytes", "EmulatedAutocast", "FusedAttention", "planning_matcher",
            "prepare_method", "probe_training_step", "probe_estimate_pass"]
 
@@ -264,7 +266,7 @@ def _segmentor(cfg, device: str) -> nn.Module:
     with torch.device(device):
         model = build_segmentor(cfg)
     model.train()
-    if cfg.train.grad_checkpointing:
+    if cfg.train.grad_checkpointing and checkpointing_needed(model):  # as the trainer's step does
         model.backbone.set_grad_checkpointing(True)
     return model
 

@@ -10,7 +10,10 @@
   to the training step only: a method's own passes in ``on_train_iteration`` (FisherTune's and
   ChildTune-D's Fisher estimates) run without it (:func:`without_checkpointing`), because they take
   gradients after leaving ``functional_call`` or a perturbation context, and a recomputation outside
-  those contexts would use other weights or inputs than the forward pass did.
+  those contexts would use other weights or inputs than the forward pass did. Nor while nothing in the
+  backbone trains (:func:`checkpointing_needed`: Frozen, LPFT's probing stage): there is nothing to save.
+  Hook-based methods keep their per-forward work outside the checkpointed blocks (Rein's operands are
+  computed by a pre-hook on the backbone), so a block's re-run repeats only the block and its hook.
 * ``train.compile``: ``nn.Module.compile()`` of the backbone and of the head, in place: the modules keep
   their names and parameters, so state-dict keys, checkpoints and the optimizer are unchanged, and DDP
   wraps the model afterwards (what the PyTorch documentation advises: compile the inner module). The
@@ -28,7 +31,7 @@ import torch
 from torch import nn
 
 __all__ = ["apply_speed_options", "compile_segmentor", "compile_errors", "is_compiled", "without_checkpointing",
-           "CompileError"]
+           "checkpointing_needed", "checkpointing_where_needed", "CompileError"]
 
 
 class CompileError(RuntimeError):
@@ -75,6 +78,27 @@ def apply_speed_options(model: nn.Module, train) -> None:
         model.backbone.set_grad_checkpointing(True)
     if train.compile:
         compile_segmentor(model, mode=train.compile_mode, backend=train.compile_backend)
+
+
+def checkpointing_needed(model: nn.Module) -> bool:
+    """Whether activation checkpointing of the backbone's blocks can save anything now: some parameter of
+    a block or of the method trains (its gradient needs the blocks' activations). With none (Frozen; LPFT
+    while it probes), autograd keeps nothing inside the blocks, and checkpointing would only add its cost
+    (an H200 measured the frozen bf16 step 1.43 x slower with it, benchmarks/results/gpu_h200/).
+    Asked every step: LPFT starts training the backbone mid-run."""
+    params = [p for block in model.backbone.blocks for p in block.parameters()]
+    return any(p.requires_grad for p in params) or any(p.requires_grad for p in model.method.parameters())
+
+
+@contextlib.contextmanager
+def checkpointing_where_needed(model: nn.Module) -> Iterator[None]:
+    """The training step's forward and backward: the backbone's checkpointing off inside the block when
+    :func:`checkpointing_needed` says it saves nothing (back on afterwards)."""
+    if getattr(model.backbone, "grad_checkpointing", False) and not checkpointing_needed(model):
+        with without_checkpointing(model.backbone):
+            yield
+    else:
+        yield
 
 
 @contextlib.contextmanager

@@ -67,7 +67,7 @@ from .logging import TrainLogger
 from .optim import build_optimizer, load_optimizer_state_by_name, optimizer_state_by_name
 from .preemption import PREEMPTED_EXIT_CODE, PreemptionWatch, TrainingPreempted
 from .schedule import PolySchedule
-from .speed import apply_speed_options, compile_errors, without_checkpointing
+from .speed import apply_speed_options, checkpointing_where_needed, compile_errors, without_checkpointing
 
 __all__ = ["Trainer", "NonFiniteLossError", "DivergedWeightsError", "RunFolderInUseError", "seed_everything",
            "FINAL_MODEL_NAME", "FINAL_RAW_MODEL_NAME"]
@@ -396,7 +396,7 @@ class Trainer:
             batch = self.next_batch()
             last = micro == train.grad_accum - 1
             sync = contextlib.nullcontext() if (last or self.ddp_model is None) else self.ddp_model.no_sync()
-            with sync, compile_errors(train):
+            with sync, compile_errors(train), checkpointing_where_needed(self.model):
                 with autocast_context(self.amp, self.device):
                     losses = forward(batch["image"], batch["label"], iteration=iteration)
                 loss = losses["loss"] / train.grad_accum

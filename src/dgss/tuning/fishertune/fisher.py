@@ -135,9 +135,7 @@ def _streamed_pass(loss: torch.Tensor, names: list[str], leaves: list[torch.Tens
     def add(name: str):
         def hook(leaf: torch.Tensor) -> None:
             grad, leaf.grad = leaf.grad.float(), None
-            flag = torch.isfinite(grad).all()  # also on meta (a memory probe): the check's memory counts
-            if not grad.is_meta:
-                finite[name] = flag
+            finite[name] = torch.isfinite(grad).all()  # also on meta (a memory probe): the flags' memory counts
             sums[name].addcmul_(grad, grad, value=weight)
         return hook
 
@@ -148,7 +146,8 @@ def _streamed_pass(loss: torch.Tensor, names: list[str], leaves: list[torch.Tens
     finally:
         for handle in handles:
             handle.remove()
-    if finite and not bool(torch.stack(list(finite.values())).all()):
+    all_finite = torch.stack(list(finite.values())).all() if finite else None
+    if all_finite is not None and not all_finite.is_meta and not bool(all_finite):  # the pass's one host read
         bad = next(name for name, flag in finite.items() if not bool(flag))
         raise FloatingPointError(
             f"FisherTune: non-finite gradient of '{bad}' under a finite loss; the streamed estimate cannot "
