@@ -119,3 +119,11 @@ def _recording(forward_loss, seen):
         seen.append(loss.detach())
         return loss
     return run
+
+
+def test_bisection_keeps_its_bounds_on_the_device_one_host_read_per_order_statistic():
+    values = torch.randn(5000, generator=torch.Generator().manual_seed(2))
+    with HostReads() as reads:
+        value = kth_smallest(values, 1234, "bisect")
+    assert value == float(values.kthvalue(1234).values)
+    assert reads.count <= 2  # the key, and its conversion back to a float: not one per bisection step (32)

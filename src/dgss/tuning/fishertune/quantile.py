@@ -13,9 +13,11 @@ against ``kthvalue`` in tests/test_speed_quantile.py.
   70 % of an estimate pass on an H200 (issue 38), so not used there by default.
 * ``"sort"``: one radix sort (values and int64 indices: 12 bytes per entry beside the input).
 * ``"bisect"``: bisection on order-preserving integer keys of the floats, counting ``keys <= mid``
-  (32 counting passes for float32, 64 for float64; 5 bytes per entry: the keys and a comparison mask).
-  Memory-light, and each pass is a bandwidth-bound reduction on a GPU.
-* ``"auto"``: "bisect" on a GPU, "kthvalue" elsewhere.
+  (32 counting passes for float32, 64 for float64; 5 bytes per entry: the keys and a comparison mask),
+  the bounds kept on the device: one host read at the end, not one per pass. Memory-light; each pass is a
+  bandwidth-bound reduction on a GPU.
+* ``"auto"``: on a GPU "sort" up to 2^27 entries (1.5 GiB of sort buffers at most), "bisect" above;
+  "kthvalue" elsewhere. benchmarks/gpu_check.py's speed section times the three on a GPU.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["QUANTILE_METHODS", "large_quantile", "kth_smallest", "order_keys", "streamed_quantile"]
+__all__ = ["QUANTILE_METHODS", "SORT_LIMIT", "large_quantile", "kth_smallest", "order_keys", "streamed_quantile"]
 
 QUANTILE_METHODS = ("auto", "kthvalue", "sort", "bisect")
 
@@ -50,16 +52,24 @@ def _key_value(key: int, dtype: torch.dtype) -> float:
     return float(torch.tensor(bits, dtype=torch.int32).view(torch.float32))
 
 
-def _bisect_keys(count_at_most: Callable[[int], int], rank: int, wide: bool) -> int:
-    """The smallest key k with count_at_most(k) >= rank (the rank-th smallest, 1-based)."""
-    low, high = (-(2**63), 2**63 - 1) if wide else (-(2**31), 2**31 - 1)
-    while low < high:
-        mid = (low + high) // 2  # floor division: correct for negative bounds too
-        if count_at_most(mid) >= rank:
-            high = mid
-        else:
-            low = mid + 1
-    return low
+# "auto" sorts on a GPU up to this many entries (values and int64 indices: 12 bytes each, plus the sort's
+# own double buffer); larger tensors take the memory-light bisection
+SORT_LIMIT = 2**27
+
+
+def _bisect_keys(keys: torch.Tensor, rank: int) -> int:
+    """The smallest key k with at least ``rank`` keys <= k (the rank-th smallest, 1-based), by bisection
+    over the whole key range with the bounds on the keys' device (no host read until the end)."""
+    wide = keys.dtype == torch.int64
+    bits = 64 if wide else 32
+    low = torch.full((), -(2 ** (bits - 1)), dtype=torch.int64, device=keys.device)
+    high = torch.full((), 2 ** (bits - 1) - 1, dtype=torch.int64, device=keys.device)
+    for _ in range(bits):  # the interval halves each time: 2^bits keys take `bits` steps
+        mid = (low >> 1) + (high >> 1) + (low & high & 1)  # floor((low + high) / 2) without overflow
+        enough = (keys <= mid.to(keys.dtype)).sum() >= rank
+        high = torch.where(enough, mid, high)
+        low = torch.where(enough, low, mid + 1)
+    return int(low)
 
 
 def kth_smallest(flat: torch.Tensor, k: int, method: str = "auto") -> float:
@@ -67,14 +77,13 @@ def kth_smallest(flat: torch.Tensor, k: int, method: str = "auto") -> float:
     if method not in QUANTILE_METHODS:
         raise ValueError(f"quantile method must be one of {', '.join(QUANTILE_METHODS)}, got {method!r}")
     if method == "auto":
-        method = "bisect" if flat.is_cuda else "kthvalue"
+        method = ("sort" if flat.numel() <= SORT_LIMIT else "bisect") if flat.is_cuda else "kthvalue"
     if method == "kthvalue":
         return float(flat.kthvalue(k).values)
     if method == "sort":
         return float(torch.sort(flat).values[k - 1])
     keys = order_keys(flat)
-    key = _bisect_keys(lambda mid: int((keys <= mid).sum()), k, keys.dtype == torch.int64)
-    return _key_value(key, flat.dtype)
+    return _key_value(_bisect_keys(keys, k), flat.dtype)
 
 
 def large_quantile(values: torch.Tensor, q: float, method: str = "auto") -> float:
