@@ -326,6 +326,18 @@ def test_public_code_layout_transforms_each_tokens_channels_not_the_image():
     torch.testing.assert_close(reins.bands(mixed, (4, 4))[0][1:], alone[0])
 
 
+def test_at_the_published_shape_each_token_is_a_32_by_32_channel_image():
+    """DINOv2-L at 512 (N = C = 1024, w = 32), batch 2: every token's low band is the Haar LL of its own
+    1024 channels laid out as a 32 x 32 picture."""
+    reins = FrequencyReins(1, 1024, num_tokens=3, lora_rank=2)
+    feats = torch.randn(2, 1024, 1024)
+    low, high = reins.bands(feats, (32, 32))
+    picture = feats.view(2, 1024, 32, 32)  # channel k at row k // 32, column k % 32
+    a, b, c, d = picture[..., 0::2, 0::2], picture[..., 0::2, 1::2], picture[..., 1::2, 0::2], picture[..., 1::2, 1::2]
+    torch.testing.assert_close(low, ((a + b + c + d) / 2).flatten(2))
+    torch.testing.assert_close(high[..., 512:], ((a + d - b - c) / 2).flatten(2))  # HH, the last third
+
+
 # --------------------------------------------------------------------------------------------
 # The paper layout
 
