@@ -150,3 +150,17 @@ def test_the_wheel_installs_and_trains_outside_the_source_tree(tmp_path):
     trained = dgss("train", str(config), "--device", "cpu")
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert (work / "runs" / "wheel" / "model_final.safetensors").is_file()
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    # `dgss configs list | head -n 1`: the reader has gone before the output is written
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "dgss", "configs", "list", "_base_"], stdout=write,
+                              stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+                              cwd=tmp_path, timeout=120)
+    finally:
+        os.close(write)
+    assert done.returncode == 0 and "Traceback" not in done.stderr and "Broken" not in done.stderr, done.stderr
+    assert list_configs("_base_")[0].startswith("_base_/")  # a folder asked for by name lists its bases

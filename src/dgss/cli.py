@@ -739,7 +739,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.print_help()
         return 0
     try:
-        return COMMANDS[args.command][2](args)
+        status = COMMANDS[args.command][2](args)
+        sys.stdout.flush()  # a closed pipe shows here, in the handler below, not at the interpreter's exit
+        return status
+    except BrokenPipeError:  # `dgss configs list | head`: the reader stopped reading, not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     except Exception as err:  # noqa: BLE001 - user errors become one line, anything else a traceback
         if not isinstance(err, _user_error_types()) and not (isinstance(err, OSError) and err.filename):
             raise

@@ -39,6 +39,7 @@ def list_configs(under: str = "", *, include_bases: bool = False) -> list[str]:
     if not root.is_dir():
         raise ConfigError(f"no shipped config folder '{under}' (folders: {', '.join(_folders())})")
     names = sorted(p.relative_to(SHIPPED_CONFIGS).as_posix() for p in root.rglob("*.yaml"))
+    include_bases = include_bases or _relative_name(under).parts[:1] == ("_base_",)  # asked for by name
     return [n for n in names if include_bases or not n.startswith("_base_/")]
 
 
