@@ -2,6 +2,7 @@
 
     python benchmarks/bench_inference.py            # ViT-L width, 4 blocks, 512; a few minutes on 2 cores
     python benchmarks/bench_inference.py --quick    # 2 blocks, smaller inputs
+    python benchmarks/bench_inference.py --quick --only modes   # the inference modes (docs/inference.md)
 
 1. Sliding-window evaluation: ``Segmentor.slide_inference`` on a 512 x 1024 image (3 windows of 512,
    stride 341) against ``Segmentor.predict`` of the identical windows stacked in one batch.
@@ -11,6 +12,11 @@
 3. Multi-scale deformable attention at the pixel decoder's 512 shapes (levels 16^2, 32^2, 64^2, 8 heads
    of 32, 4 points, N_q = N_v = 5376): the single-``grid_sample`` default, the per-level form, the
    Python-loop reference (timed on a few queries, scaled to all) and ``torch.compile`` of the default.
+4. Inference modes (``eval.mode``, ``eval.scale``; dgss.models.inference): time per image of
+   ``Segmentor.inference`` on the Cityscapes protocol's geometry at ``--img`` (an img x 2 img image,
+   windows of img at stride 2/3 img: 3 windows; labels at twice that, as Cityscapes' 2048 x 1024),
+   for slide, whole, slide at scale 2 (18 windows) and coarse-to-fine at scales 1 and 2, as ratios to
+   the plain sliding window.
 
 Medians of ``--repeats`` runs after ``--warmup`` runs, alternatives interleaved within each repeat.
 """
@@ -173,6 +179,46 @@ def deformable(args) -> None:
     print(f"   {'loop reference':<26} forward {ref:7.0f} s   ({ref / base_f:,.0f} x default; timed on {few} queries)")
 
 
+MODES = [  # (label, eval overrides)
+    ("slide (scale 1)", dict(mode="slide", scale=1.0)),
+    ("whole (scale 1)", dict(mode="whole", scale=1.0)),
+    ("slide, scale 2", dict(mode="slide", scale=2.0)),
+    ("coarse_to_fine (coarse 0.5, fine 1)", dict(mode="coarse_to_fine", scale=1.0, coarse_scale=0.5)),
+    ("coarse_to_fine (coarse 0.5, fine 2)", dict(mode="coarse_to_fine", scale=2.0, coarse_scale=0.5)),
+]
+
+
+@torch.no_grad()
+def modes(args) -> None:
+    import dataclasses
+
+    # a tiny model (the demo's: a DINOv2-shaped ViT of 6 blocks, width 96; Mask2Former with 64 channels and
+    # 20 queries): the ratios are those of the number of windows and pixels, the absolute times a CPU's
+    cfg = load_config(overrides=["method.name=frozen", "model.backbone=dinov2_s", f"model.img_size={args.img}",
+                                 "model.backbone_kwargs={depth: 6, embed_dim: 96, num_heads: 3}",
+                                 "model.head.hidden_dim=64", "model.head.num_queries=20",
+                                 f"eval.crop_size=[{args.img},{args.img}]",
+                                 f"eval.stride=[{args.img * 2 // 3},{args.img * 2 // 3}]"])
+    torch.manual_seed(0)
+    model = build_segmentor(cfg).eval()
+    image = torch.randn(1, 3, args.img, 2 * args.img)
+    labels = (2 * args.img, 4 * args.img)
+    base = model.eval_cfg
+
+    def timed(changes):
+        def run():
+            model.eval_cfg = dataclasses.replace(base, **changes)
+            return model.inference(image, out_size=labels)
+        return run
+
+    t = median_times({label: timed(changes) for label, changes in MODES}, args.warmup, args.repeats)
+    plain = t[MODES[0][0]]
+    print(f"4. inference modes (a ViT of 6 blocks, width 96; Mask2Former head), one {args.img} x {2 * args.img} "
+          f"image, windows {base.crop_size[0]} / stride {base.stride[0]}, scores to {labels[0]} x {labels[1]}:")
+    for label, _ in MODES:
+        print(f"   {label:<38} {t[label]:7.2f} s per image  {t[label] / plain:5.2f} x slide")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=4)
@@ -182,14 +228,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reference-queries", type=int, default=4)
     parser.add_argument("--skip-compile", action="store_true")
-    parser.add_argument("--only", choices=["sliding", "rein", "deformable"])
+    parser.add_argument("--only", choices=["sliding", "rein", "deformable", "modes"])
     parser.add_argument("--quick", action="store_true", help="2 blocks at 256, 1 warm-up, 3 repeats")
     args = parser.parse_args()
     if args.quick:
         args.depth, args.img, args.warmup, args.repeats = 2, 256, 1, 3
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads")
-    for name, fn in (("sliding", sliding), ("rein", rein_overhead), ("deformable", deformable)):
+    for name, fn in (("sliding", sliding), ("rein", rein_overhead), ("deformable", deformable), ("modes", modes)):
         if args.only in (None, name):
             fn(args)
 
