@@ -162,6 +162,11 @@ def test_the_missing_weights_error_names_the_download_address(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth" in err
     assert f"wget -O {tmp_path / 'ckpt' / 'dinov2_vits14_pretrain.pth'}" in err and err.count("\n") == 1
+    # a file of another name (the user's own weights): where the official file is, and no download command
+    mine = tiny_config(tmp_path, "mine", weights=str(tmp_path / "my_vit_s.pth"))
+    assert main(["train", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert "(the official dinov2_s weights: https://dl.fbaipublicfiles.com/dinov2/" in err and "wget" not in err
     # every address the configs' weights files come from is the same file name
     for base in ("dinov2-l", "eva02-l", "clip-l", "sam-h"):
         model = load_config(f"_base_/{base}.yaml").model

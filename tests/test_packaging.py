@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_engine_support import tiny_config
 
 from dgss.cli import main
 from dgss.config import SHIPPED_CONFIGS, ConfigError, load_config, resolve_config_path
@@ -146,10 +145,12 @@ def test_the_wheel_installs_and_trains_outside_the_source_tree(tmp_path):
     assert listed.returncode == 0 and "rein/dinov2-l_gtav_512.yaml" in listed.stdout.split()
     resolved = dgss("config", "configs/rein/dinov2-l_gtav_512.yaml")  # the README's path, no configs/ here
     assert resolved.returncode == 0 and yaml.safe_load(resolved.stdout)["method"]["name"] == "rein"
-    config = tiny_config(work, "wheel", iters=2)
-    trained = dgss("train", str(config), "--device", "cpu")
+    # the CPU example as the README gives it: the shipped config and the shipped foundation ViT it names
+    trained = dgss("train", "configs/examples/synthetic_cpu.yaml", "train.iters=2", "--device", "cpu")
     assert trained.returncode == 0, trained.stderr[-2000:]
-    assert (work / "runs" / "wheel" / "model_final.safetensors").is_file()
+    assert (work / "runs" / "synthetic_cpu" / "model_final.safetensors").is_file()
+    saved = yaml.safe_load((work / "runs" / "synthetic_cpu" / "config.yaml").read_text())
+    assert Path(saved["model"]["weights"]) == target / "dgss" / "assets" / "demo_foundation_vit.safetensors"
 
 
 def test_output_into_a_closed_pipe_ends_quietly(tmp_path):

@@ -43,6 +43,9 @@ def download_hint(backbone: str, path: str | os.PathLike) -> str:
         return (f"; model.weights: hub downloads timm's copy of {backbone}, or give the path of a timm "
                 ".safetensors/.pth file")
     folder = Path(path).parent
+    if Path(path).name != address.split(" ")[0].rsplit("/", 1)[-1] and not address.endswith("(request form)"):
+        # another file than the official one (the user's own weights): say where the official one is
+        return f"; set model.weights=PATH to where it is (the official {backbone} weights: {address})"
     if address.startswith("https://") and " " not in address:
         fetch = f"download it with `mkdir -p {folder} && wget -O {path} {address}`"
     else:
