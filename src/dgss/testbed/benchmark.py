@@ -53,6 +53,10 @@ _ROWS: dict[str, tuple[str, list[str]]] = {
     # SoMA as its public code runs (issue 25): the minor components of a random nn.Linear draw on top of
     # the pretrained weights; no EMA (the public code's starts at 12,000 iterations, past any budget here)
     "soma-public": ("soma", ["method.soma.start_block=2", "method.soma.init=public_code"]),
+    # GeCo (issue 40): soma-public + its consistency loss, started after 1/40 of the default testbed budget's
+    # 1,920 iterations, as the public code starts at 1,000 of 40,000 (docs/methods/geco.md)
+    "geco": ("soma", ["method.soma.start_block=2", "method.soma.init=public_code", "loss.geco.enabled=true",
+                      "loss.geco.start_iter=48"]),
     # FADA (issue 40) sized and paced as the testbed's Rein (experiment.py's tokens, world.py's lr_mult)
     "fada": ("fada", ["method.fada.num_tokens=24", "method.fada.lora_rank=4", "method.fada.query_dim=64",
                       "method.fada.lr_mult=0.1"]),
