@@ -242,6 +242,10 @@ def markdown(data: dict, sections, methods) -> str:
                   f"budget {sec['budget_s']:.0f} s, took {sec.get('elapsed_s', 0):.1f} s", ""]
         if name == "training":
             lines += training_table(sec["cases"], methods)
+        if name == "speed":
+            from _gpu_speed import speed_table
+
+            lines += speed_table(sec)
         if sec["cases"]:
             lines += ["| case | status | median | fastest | repeats | peak MiB | other |", "|---" * 7 + "|"]
             for case, e in sec["cases"].items():

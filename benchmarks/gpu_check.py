@@ -22,6 +22,10 @@ keeps what it measured) and DIR/gpu_check.md, and prints the Markdown summary. S
               recipe in fp32/bf16/checkpointed, FisherTune's estimate, and DINOv3-7B (the streamed estimate on
               one GPU, Rein with bf16 and checkpointing): planned / measured, target within 15%.
 6. env        GPU, CUDA, torch, timm, Python, the command line.
+7. speed      issue 38's table, before and after its changes (benchmarks/_gpu_speed.py): fp32 (with and
+              without TF32) against bf16, Rein's backbone part against its FLOP floor, Rein's bf16 predict,
+              checkpointing per method, FisherTune's estimate pass, fused AdamW, torch.compile per method.
+              Run second (after env): the figures that decide the speed options' defaults.
 
 Each section has a time budget (--budget-*): a case starts only while its section's budget lasts and
 then repeats only while it lasts; what was skipped or shortened is recorded as "cut". The whole run is
@@ -46,11 +50,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _gpu_plan  # noqa: E402  (the "plan" section: dgss plan against max_memory_allocated)
+import _gpu_speed  # noqa: E402  (the "speed" section: issue 38's ratios before and after)
 import _gpu_support as gs  # noqa: E402
 import bench_methods as bm  # noqa: E402  (model building and the timed parts, shared with the CPU benchmark)
 
-SECTIONS = ("training", "head", "inference", "estimate", "plan", "env")
-BUDGETS = {"training": 200.0, "head": 70.0, "inference": 60.0, "estimate": 70.0, "plan": 130.0, "env": 10.0}
+SECTIONS = ("training", "head", "inference", "estimate", "plan", "env", "speed")
+# seconds per section; together 550, the default --total-budget-s (one device call of under 10 minutes)
+BUDGETS = {"training": 120.0, "head": 30.0, "inference": 40.0, "estimate": 50.0, "plan": 100.0, "env": 10.0,
+           "speed": 200.0}
 METHODS = ("frozen", "rein", "fishertune", "lora", "full")
 ITERS = 40_000
 # The recipe (configs/_base_/schedule_512.yaml, dinov2-l.yaml, rein.yaml): the config defaults are these
@@ -327,7 +334,7 @@ def environment(check: Check, section: gs.Section) -> None:
            "torch": torch.__version__, "timm": timm.__version__, "cuda": torch.version.cuda,
            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
            "device": str(check.device), "cpu_threads": torch.get_num_threads(),
-           "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
+           "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32}
     if check.device.type == "cuda":
         props = torch.cuda.get_device_properties(check.device)
         env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
@@ -337,8 +344,9 @@ def environment(check: Check, section: gs.Section) -> None:
 
 
 RUNNERS = {"training": training, "head": head, "inference": inference, "estimate": estimate,
-           "plan": _gpu_plan.plan_section, "env": environment}
-ORDER = ("env", "training", "head", "inference", "estimate", "plan")  # env first: cheap, and kept if a later one hangs
+           "plan": _gpu_plan.plan_section, "env": environment, "speed": _gpu_speed.speed_section}
+# env first: cheap, and kept if a later one hangs; speed next: its figures decide the speed options' defaults
+ORDER = ("env", "speed", "training", "head", "inference", "estimate", "plan")
 
 
 def parse_args(argv=None):

@@ -28,9 +28,11 @@ def positive(value) -> bool:
 def test_cpu_smoke_run_has_every_section_with_sane_figures(tmp_path, monkeypatch, capsys):
     for name in ABSENT_ON_GPU_MACHINE:
         monkeypatch.setitem(sys.modules, name, None)  # an import of any of them now fails
-    assert gpu_check.main(["--cpu-smoke", "--out", str(tmp_path), "--warmup", "0", "--repeats", "1"]) == 0
+    others = [s for s in gpu_check.SECTIONS if s != "speed"]  # speed: its own test below
+    assert gpu_check.main(["--cpu-smoke", "--out", str(tmp_path), "--warmup", "0", "--repeats", "1",
+                           "--sections", ",".join(others)]) == 0
     data = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert set(data["sections"]) == set(gpu_check.SECTIONS)
+    assert set(data["sections"]) == set(others)
     for name, section in data["sections"].items():
         assert not section.get("failed") and not section["cut"], (name, section["notes"])
         for case, entry in section["cases"].items():
@@ -70,6 +72,55 @@ def test_cpu_smoke_run_has_every_section_with_sane_figures(tmp_path, monkeypatch
     summary = (tmp_path / "gpu_check.md").read_text()
     assert "## 1. training" in summary and "## 4. estimate" in summary
     assert summary in capsys.readouterr().out
+
+
+def test_the_speed_section_dry_run_prints_every_ratio_of_issue_38_before_and_after(tmp_path, monkeypatch, capsys):
+    for name in ABSENT_ON_GPU_MACHINE:
+        monkeypatch.setitem(sys.modules, name, None)
+    assert gpu_check.main(["--cpu-smoke", "--out", str(tmp_path), "--warmup", "0", "--repeats", "1",
+                           "--sections", "speed"]) == 0
+    speed = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["speed"]
+    assert not speed.get("failed") and not speed["cut"], speed["notes"]
+    assert all(entry["status"] == "ok" for entry in speed["cases"].values()), speed["cases"]
+    rows = speed["figures"]["rows"]
+    both = ["fp32 step / bf16 step (full)", "fp32 step / bf16 step (rein)", "Rein bf16 predict / Frozen bf16 predict",
+            "Rein backbone part / its FLOP floor", "estimate pass / Full step, same precision",
+            "paper's 100-batch estimate, s"] + [f"bf16 step checkpointed / plain ({m})"
+                                                for m in ("frozen", "rein", "fishertune", "full")]
+    for row in both:
+        assert positive(rows[row]["before"]) and positive(rows[row]["after"]), row
+    # Rein adds its FLOPs, and saves the backward of block 0 and the patch embedding (it refines after block 0)
+    assert 0.5 < rows["Rein backbone part / its FLOP floor"]["floor_x_limit"] < 2.0
+    assert positive(rows["AdamW step, fused / foreach (Full)"]["after"])
+    assert positive(rows["compiled / eager bf16 step (rein)"]["after"])
+    assert 0.0 <= rows["bf16 estimate's selection vs fp32's (Jaccard)"]["after"] <= 1.0
+    # on a CPU, TF32 and the quantile method change nothing: before and after select the same entries
+    assert speed["figures"]["estimate before/after selection Jaccard (TF32)"] == 1.0
+    summary = capsys.readouterr().out
+    assert "| figure | before | after | target |" in summary and "| Rein bf16 predict / Frozen bf16 predict |" in summary
+
+
+def test_the_legacy_rein_of_the_speed_section_computes_what_rein_computes():
+    import _gpu_speed
+    from dgss.config import MethodConfig, ReinConfig
+    from dgss.models.backbones import build_backbone
+    from dgss.tuning import build_method
+
+    backbone = build_backbone("dinov2_s", img_size=64, depth=3, embed_dim=32, num_heads=2)
+    method = build_method(MethodConfig(name="rein", rein=ReinConfig(num_tokens=5, lora_rank=4, query_dim=8)),
+                          backbone)
+    with torch.no_grad():
+        for p in method.parameters():
+            p.normal_(0, 0.3)
+    images = torch.randn(2, 3, 64, 64)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            now = backbone(images)
+            with _gpu_speed.legacy_rein(method):
+                before = backbone(images)
+        for a, b in zip(now, before):
+            torch.testing.assert_close(a, b)
+    assert len(method._hook_handles) == 3 + 2  # today's hooks are back: one per block and the operands' pair
 
 
 def test_a_spent_budget_cuts_the_section_and_says_so(tmp_path, monkeypatch):
