@@ -145,6 +145,14 @@ def test_config_refuses_what_train_refuses(tmp_path, capsys):
             err = capsys.readouterr().err
             assert all(w in err for w in words), (command, err)
     assert not (tmp_path / "runs" / "same").exists()
+    # with --check-files, the files too: a test root and the weights, as train refuses them
+    missing_root = f"data.test.0={{type: cityscapes, split: val, root: {tmp_path / 'nowhere'}}}"
+    for extra, words in (([missing_root], "data.test[0].root"), (["model.weights=/no/vit.pth"], "/no/vit.pth")):
+        assert main(["config", str(config), *extra]) == 0
+        capsys.readouterr()
+        for command in (["config", str(config), "--check-files"], ["train", str(config)]):
+            assert main([*command, *extra]) == 2
+            assert words in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("spelling", ["dinov2-s", "DINOv2-S", "Dinov2_S"])

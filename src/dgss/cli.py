@@ -147,6 +147,9 @@ def _backbones_run(args: argparse.Namespace) -> int:
 def _config_args(parser: argparse.ArgumentParser) -> None:
     _add_config_args(parser)
     parser.add_argument("--save", metavar="PATH", help="also write the resolved config to PATH")
+    parser.add_argument("--check-files", action="store_true",
+                        help="also check the files dgss train reads first: the backbone weights and every "
+                        "dataset root (train, val, test)")
 
 
 def _config_run(args: argparse.Namespace) -> int:
@@ -155,6 +158,8 @@ def _config_run(args: argparse.Namespace) -> int:
     from .config import save_config, to_dict
 
     cfg = _load_checked_config(args)  # names and values too, as train, eval and fisher check them
+    if args.check_files:  # and the files, as `dgss train` checks them before it builds the model
+        _check_inputs(cfg, ("train", "val", "test"))
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     if args.save:
         save_config(cfg, args.save)

@@ -40,8 +40,9 @@ DESCRIPTIONS: dict[str, str] = {
                  "is downloaded: the models are built on the meta device.",
     "config": "Loads CONFIG with its _base_ files and the key=value overrides, runs every check `dgss train` "
               "runs before it builds a model (keys, types, values, backbone/method/head/dataset names, "
-              "dataset options), and prints the fully resolved config as YAML. Files (dataset roots, "
-              "weights) are checked by the commands that read them. CONFIG may be a file or the name of a "
+              "dataset options), and prints the fully resolved config as YAML. With --check-files it also "
+              "checks the files train reads first (backbone weights, every dataset root), so it refuses "
+              "exactly what `dgss train` refuses before building the model. CONFIG may be a file or the name of a "
               "shipped config (see `dgss configs list`).",
     "configs": "The configs ship inside the package. `list` names them (one folder per method, plus "
                "datasets/, eval/ and examples/), `show` prints one, and `copy` copies configs or whole folders "
@@ -110,6 +111,8 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
     ],
     "config": [
         ("check a config and print it with every default filled in", "dgss config configs/rein/dinov2-l_gtav_512.yaml"),
+        ("everything dgss train checks before it starts, the weights file and dataset folders included",
+         "dgss config configs/fishertune/dinov2-l_gtav_512.yaml --check-files"),
         ("the same with overrides, saved as one self-contained file",
          "dgss config configs/rein/dinov2-l_gtav_512.yaml train.batch_size=2 train.grad_accum=2 --save my_rein.yaml"),
     ],
