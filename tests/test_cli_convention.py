@@ -216,3 +216,13 @@ def test_compare_finds_a_run_by_its_recorded_config(tmp_path, capsys):
     assert main(["compare", str(config), "--methods", "frozen,lora", "--out", str(out), "--no-run"]) == 0
     assert "| lora | 0.00 | 30.0 | 40.0 | 35.0 |" in capsys.readouterr().out
     assert frozen.name == "frozen_tiny"
+
+
+def test_the_run_folders_in_the_examples_are_those_the_shipped_configs_make():
+    from dgss.cli_help import EXAMPLES
+    from dgss.config_files import list_configs
+
+    names = {load_config(name).name for name in list_configs() if not name.startswith(("datasets/", "eval/"))}
+    used = {word.split("/")[1] for examples in EXAMPLES.values() for _, command in examples
+            for word in shlex.split(command) if word.startswith("runs/")}
+    assert used and used <= names, used - names
