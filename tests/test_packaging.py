@@ -75,6 +75,10 @@ def test_a_config_not_on_disk_resolves_to_the_shipped_one(tmp_path, monkeypatch)
     for spelling in ("rein/dinov2-l_gtav_512.yaml", "configs/rein/dinov2-l_gtav_512.yaml"):
         assert resolve_config_path(spelling) == SHIPPED_CONFIGS / "rein/dinov2-l_gtav_512.yaml"
     assert load_config("rein/dinov2-l_gtav_512.yaml").method.name == "rein"
+    from dgss.compare import resolve_runs  # compare finds the published sibling of a shipped protocol
+
+    (rein,) = resolve_runs("frozen/dinov2-l_gtav_512.yaml", ["rein"])
+    assert rein.cfg == load_config("rein/dinov2-l_gtav_512.yaml")
     with pytest.raises(ConfigError) as err:
         load_config("rein/nosuch.yaml")
     assert str(tmp_path / "rein/nosuch.yaml") in str(err.value) and str(SHIPPED_CONFIGS / "rein/nosuch.yaml") in str(err.value)

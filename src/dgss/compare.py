@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import NON_EXPERIMENT_KEYS, ExperimentConfig, config_differences, from_dict, load_config, to_dict
+from .config import (NON_EXPERIMENT_KEYS, ExperimentConfig, config_differences, from_dict, load_config,
+                     resolve_config_path, to_dict)
 
 __all__ = ["MethodRun", "StaleRunError", "resolve_runs", "find_recorded_run", "check_existing_run",
            "trainable_backbone_parameters", "collect_or_run", "compare", "format_markdown_table", "write_csv",
@@ -78,7 +79,7 @@ def _protocol_name(cfg: ExperimentConfig) -> str:
 
 def resolve_runs(config: str | os.PathLike, methods: Sequence[str], overrides: Sequence[str] = ()) -> list[MethodRun]:
     """The configs of the methods to compare (see the module docstring)."""
-    config = Path(config)
+    config = resolve_config_path(config)  # a shipped config's name too: its published siblings are found
     protocol = load_config(config, list(overrides))
     runs = []
     for entry in methods:
