@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dgss import __version__
 from dgss.cli import main
 from dgss.config import SHIPPED_CONFIGS, ConfigError, load_config, resolve_config_path
 from dgss.config_files import copy_configs, list_configs
@@ -127,6 +128,8 @@ def test_the_wheel_installs_and_trains_outside_the_source_tree(tmp_path):
     assets = {f"dgss/assets/{p.name}" for p in (ROOT / "src/dgss/assets").iterdir() if p.is_file()}
     assert assets and assets <= names
     assert "dgss/py.typed" in names and any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    entry_points = zipfile.ZipFile(wheel).read(f"dgss-{__version__}.dist-info/entry_points.txt").decode()
+    assert "dgss = dgss.cli:main" in entry_points  # the `dgss` command
 
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(target),
