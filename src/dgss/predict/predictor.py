@@ -39,6 +39,7 @@ from ..data.image_io import pil_to_rgb, read_image, uint16_to_uint8
 from ..data.labels import TRAIN_ID_TO_LABEL_ID, colorize
 from ..data.transforms import fit_resize_shape
 from ..models.inference import INFERENCE_MODES, fuse_coarse_fine, resize_by, scale_box
+from ..precision import apply_tf32
 
 __all__ = ["TTA", "Prediction", "Predictor", "to_rgb_array", "parse_tta", "tta_inference", "train_ids_to_label_ids"]
 
@@ -261,6 +262,7 @@ class Predictor:
             raise ValueError(f"predict_batch needs images of one size, got {sorted(sizes)}")
         height, width = sizes.pop()
         batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+        apply_tf32(self.cfg.train.tf32, self.device)  # train.tf32 holds for predict too (issue 38)
         batch = self.normalize(batch)
         scale = self.model.eval_cfg.scale if scale is None else scale
         coarse_scale = self.model.eval_cfg.coarse_scale
