@@ -123,6 +123,9 @@ def test_dgss_eval_scale_two_runs_end_to_end(tiny, tmp_path, capsys):
     reference.load_state_dict(tiny[2].state_dict())
     for r in evaluate_datasets(reference, scaled.data.test, scaled, DistContext()):
         assert results["datasets"][r.name]["miou"] == pytest.approx(r.miou, abs=1e-4), r.name
+        # results.json says how the scores were made (no resize box here: the images were scaled)
+        assert results["datasets"][r.name]["inference"] == {"mode": "whole", "scale": 2.0, "resize": None,
+                                                            "crop_size": [512, 512], "stride": [341, 341]}
     with pytest.raises(SystemExit):  # argparse names the choices
         main(["eval", str(config), "--checkpoint", str(model_file), "--mode", "pyramid"])
 
@@ -140,6 +143,8 @@ def test_a_resize_box_is_scaled_instead_of_the_resized_images(tiny):
     assert model.eval_cfg.scale == 2.0 and model.eval_cfg.coarse_scale == 1.0  # restored afterwards
     plain = evaluate_datasets(with_eval(model, scale=1.0, coarse_scale=0.5), [full], cfg, DistContext())[0]
     assert scaled.iou == plain.iou and scaled.miou == plain.miou
+    assert scaled.inference["resize"] == [96, 64] and scaled.inference["scale"] == 2.0
+    assert scaled.inference["coarse_scale"] == 1.0 and plain.inference["resize"] == [96, 64]
     from dgss.engine.evaluate import _evaluate  # the image path: the 48 x 32 images blown up by 2
 
     with_eval(model, scale=2.0, coarse_scale=1.0)

@@ -45,6 +45,9 @@ class DatasetResult:
     pixel_accuracy: float
     num_images: int
     eval_class_ids: Optional[list[int]] = None
+    # how the scores were made: eval.mode, eval.scale, the box the images were fitted into (after the
+    # scale; None: their own size), the window and stride, and coarse_to_fine's settings
+    inference: Optional[dict] = None
 
 
 def autocast_context(amp: str, device: torch.device):
@@ -65,11 +68,18 @@ def evaluate_dataset(model, ds_cfg: DatasetConfig, cfg: ExperimentConfig, ctx: D
     (Cityscapes [1024, 512] at 2.0 reads its images at 2048 x 1024, resampled once from the originals,
     as mmseg's ``Resize(scale=(2048, 1024))``), else the images themselves (dgss.models.inference)."""
     eval_cfg = getattr(model, "eval_cfg", None)
-    if eval_cfg is None or eval_cfg.scale == 1.0 or ds_cfg.resize is None:
+    if eval_cfg is None:
         return _evaluate(model, ds_cfg, cfg, ctx, amp=amp, num_workers=num_workers, progress=progress)
-    ds_cfg = dataclasses.replace(ds_cfg, resize=scale_box(ds_cfg.resize, eval_cfg.scale))
-    with _inference_settings(model, scale_folded(eval_cfg)):
-        return _evaluate(model, ds_cfg, cfg, ctx, amp=amp, num_workers=num_workers, progress=progress)
+    folded = eval_cfg.scale != 1.0 and ds_cfg.resize is not None
+    if folded:
+        ds_cfg = dataclasses.replace(ds_cfg, resize=scale_box(ds_cfg.resize, eval_cfg.scale))
+    with _inference_settings(model, scale_folded(eval_cfg) if folded else eval_cfg):
+        result = _evaluate(model, ds_cfg, cfg, ctx, amp=amp, num_workers=num_workers, progress=progress)
+    result.inference = {"mode": eval_cfg.mode, "scale": eval_cfg.scale, "resize": ds_cfg.resize,
+                        "crop_size": list(eval_cfg.crop_size), "stride": list(eval_cfg.stride)}
+    if eval_cfg.mode == "coarse_to_fine":
+        result.inference.update(coarse_scale=eval_cfg.coarse_scale, coarse_weight=eval_cfg.coarse_weight)
+    return result
 
 
 @contextlib.contextmanager
@@ -163,6 +173,8 @@ def results_to_dict(results: Sequence[DatasetResult], *, checkpoint: Optional[st
             "miou": number(r.miou), "pixel_accuracy": number(r.pixel_accuracy), "num_images": r.num_images,
             "eval_class_ids": r.eval_class_ids, "iou": {c: number(v) for c, v in zip(r.classes, r.iou)},
         }
+        if r.inference is not None:
+            out["datasets"][r.name]["inference"] = r.inference
     return out
 
 
