@@ -157,3 +157,17 @@ def test_a_block_run_on_its_own_after_a_parameter_change_does_not_use_stale_oper
     raw = backbone.blocks[1](x)
     expected = torch.cat([raw[:, :1], plain_refine(method.reins, raw[:, 1:], 1)], dim=1)
     torch.testing.assert_close(out, expected)
+
+
+def test_a_subclass_with_its_own_refinement_pays_for_no_shared_operands():
+    from dgss.config import load_config
+    from dgss.tuning import build_method as build
+
+    backbone = tiny("dinov2_s")
+    cfg = load_config(None, ["method.name=fada", "method.fada.num_tokens=5", "method.fada.lora_rank=4",
+                             "method.fada.query_dim=8"]).method
+    fada = build(cfg, backbone)
+    rein = build_method(rein_cfg(num_tokens=5, lora_rank=4, query_dim=8), tiny("dinov2_s"))
+    assert len(fada._hook_handles) < len(rein._hook_handles)  # no operand hooks on the backbone
+    backbone(torch.randn(1, 3, 64, 64))
+    assert fada._operands is None
