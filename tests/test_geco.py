@@ -283,6 +283,9 @@ def test_the_geco_config_is_somas_public_code_config_plus_the_loss_evaluated_whe
                                                            ("mapillary", [2048, 1024])]
     assert [dataclasses.replace(d, resize=None) for d in geco.data.test] == \
         [dataclasses.replace(d, resize=None) for d in soma.data.test]
+    dinov3 = to_dict(load_config(str(CONFIGS / "geco" / "dinov3-l_gtav_512.yaml")))
+    assert {k for k in a if a[k] != dinov3[k]} == {"name", "model"}
+    assert dinov3["model"]["backbone"] == "dinov3_l" and dinov3["model"]["patch_size"] == 16
 
 
 def geco_release(pretrained_state, head_state, gen, *, steps=None):
