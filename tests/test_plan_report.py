@@ -57,6 +57,12 @@ def test_evaluation_memory_follows_the_eval_settings():
     # meta probe takes is within 1% of it
     real = real_cpu_inference_bytes(base, "slide", (96, 160))
     assert abs(slide.activations - real) <= 0.01 * real
+    # eval.scale scales the box, as the evaluation does: the image the planner passes is the scaled box
+    scaled = tiny("frozen", 4, *EVAL, TEST_SETS, "eval.scale=0.5")
+    assert eval_image_size(scaled) == ((48, 80), "wide")
+    half = {p.mode: p for p in plan_eval_memory(scaled, target="cpu")}["whole"]
+    unscaled = tiny("frozen", 4, *EVAL, TEST_SETS)  # a 48 x 80 image at scale 1: the same pass
+    assert half.image_size == (48, 80) and half.activations == real_cpu_inference_bytes(unscaled, "whole", (48, 80))
     # no resize box: a full Cityscapes image; a side the backbone cannot take is reported, not raised
     assert eval_image_size(tiny("rein")) == (DEFAULT_EVAL_IMAGE, None)
     odd = plan_eval_memory(tiny("rein", 4, *EVAL, 'data.test=[{type: synthetic, resize: [100, 90]}]'), target="cpu")

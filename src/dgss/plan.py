@@ -59,8 +59,12 @@ def format_evaluation(evals: list[EvalMemory], cfg, gpu_memory: Optional[int], i
         return []
     h, w = evals[0].image_size
     amp = _AMP_NAMES.get(cfg.train.amp, cfg.train.amp)
-    where = f"the largest resize box of data.test, {image_from}'s" if image_from else "no data.test resize box"
-    lines = ["", f"memory of evaluating one image of {h}x{w} ({where}; eval.scale {cfg.eval.scale:g}, {amp}) (GiB)"]
+    if image_from:
+        where = f"the largest resize box of data.test, {image_from}'s" + (
+            f", scaled by eval.scale {cfg.eval.scale:g}" if cfg.eval.scale != 1.0 else "")
+    else:
+        where = f"no data.test resize box; eval.scale {cfg.eval.scale:g}"
+    lines = ["", f"memory of evaluating one image of {h}x{w} ({where}; {amp}) (GiB)"]
     for e in evals:
         name = _MODE_NAMES.get(e.mode, e.mode)
         if e.error:

@@ -4,11 +4,11 @@
     plans[0].peak                        # bytes: weights and buffers + the pass's activations and scores
 
 Measured, not modelled: the segmentor is built at full size on the meta device (nothing allocated) and
-one image goes through ``Segmentor.inference`` in each mode under ``torch.no_grad``, as ``dgss eval``
-runs it, while :class:`~dgss.engine.memory_probe.LiveBytes` counts every tensor created. The image is the
-largest ``resize`` box of ``data.test`` (a fitted image fills at most its box; ``eval.scale`` is applied
-by the inference, as in ``dgss eval``); the sliding window's crop, stride and ``batch_windows`` are
-``eval``'s. Attention runs the target's fused kernel and bf16/fp16 ``train.amp`` is emulated on a GPU, as
+one image goes through ``Segmentor.inference`` in each mode, as ``dgss eval`` runs it, while
+:class:`~dgss.engine.memory_probe.LiveBytes` counts every tensor created. The image is the largest
+``resize`` box of ``data.test`` (a fitted image fills at most its box) scaled by ``eval.scale`` as the
+evaluation scales it (the box, then inference at scale 1: :func:`dgss.models.inference.scale_box`); the
+sliding window's crop, stride and ``batch_windows`` are ``eval``'s. Attention runs the target's fused kernel and bf16/fp16 ``train.amp`` is emulated on a GPU, as
 the training probe does. Not counted: the resize of the scores to the label's resolution (K x H x W x 4
 bytes more at the label size) and memory a kernel allocates and frees inside itself.
 """
@@ -52,14 +52,17 @@ class EvalMemory:
 
 
 def eval_image_size(cfg) -> tuple[tuple[int, int], Optional[str]]:
-    """((h, w), dataset name) of the largest ``resize`` box of ``data.test`` (by area), or
-    (:data:`DEFAULT_EVAL_IMAGE`, None) when no test set is resized."""
+    """((h, w), dataset name) of the largest ``resize`` box of ``data.test`` (by area) scaled by
+    ``eval.scale`` as the evaluation scales it, or (:data:`DEFAULT_EVAL_IMAGE`, None) when no test set is
+    resized (then ``eval.scale`` resizes inside the inference)."""
     from ..data.builder import dataset_name
+    from ..models.inference import scale_box
 
-    boxes = [((ds.resize[1], ds.resize[0]), dataset_name(ds)) for ds in cfg.data.test if ds.resize]
+    boxes = [(scale_box(ds.resize, cfg.eval.scale), dataset_name(ds)) for ds in cfg.data.test if ds.resize]
     if not boxes:
         return DEFAULT_EVAL_IMAGE, None
-    return max(boxes, key=lambda box: box[0][0] * box[0][1])
+    (w, h), name = max(boxes, key=lambda box: box[0][0] * box[0][1])
+    return (h, w), name
 
 
 @contextlib.contextmanager
@@ -104,7 +107,8 @@ def _probe(model, images_shape: Sequence[int], amp: str, target: str) -> int:
 def plan_eval_memory(cfg, *, target: str = "cuda", image_size: Optional[Sequence[int]] = None,
                      modes: Sequence[str] = ("whole", "slide")) -> list[EvalMemory]:
     """One :class:`EvalMemory` per mode of ``modes`` (and the config's own ``eval.mode`` when it is not
-    among them), for one image of ``image_size`` (default :func:`eval_image_size`). ``target``: "cuda"
+    among them), for one image of ``image_size`` (the loader's size; default :func:`eval_image_size`, the
+    scaled box, with the scale folded into it as the evaluation folds it). ``target``: "cuda"
     (``train.amp`` applies, as ``dgss eval`` runs it on a GPU) or "cpu" (fp32)."""
     from ..tuning.model import build_segmentor
 
@@ -114,12 +118,17 @@ def plan_eval_memory(cfg, *, target: str = "cuda", image_size: Optional[Sequence
         model = build_segmentor(shapes)
     model.eval().requires_grad_(False)
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    size = tuple(image_size) if image_size is not None else eval_image_size(cfg)[0]
+    from ..models.inference import scale_folded
+
+    size, boxed = (tuple(image_size), False) if image_size is not None else (eval_image_size(cfg)[0], True)
+    boxed = boxed and any(ds.resize for ds in cfg.data.test)
+    # a resize box takes eval.scale (dgss.engine.evaluate), so the inference runs at scale 1
+    eval_cfg = scale_folded(cfg.eval) if boxed and cfg.eval.scale != 1.0 else cfg.eval
     amp = cfg.train.amp if target == "cuda" else "none"
     configured = cfg.eval.mode
     plans = []
     for mode in dict.fromkeys([*modes, configured]):
-        model.eval_cfg = copy.deepcopy(cfg.eval)
+        model.eval_cfg = copy.deepcopy(eval_cfg)
         model.eval_cfg.mode = mode
         try:
             activations, error = _probe(model, (1, 3, *size), amp, target), ""
