@@ -126,6 +126,11 @@ def test_dgss_eval_scale_two_runs_end_to_end(tiny, tmp_path, capsys):
         # results.json says how the scores were made (no resize box here: the images were scaled)
         assert results["datasets"][r.name]["inference"] == {"mode": "whole", "scale": 2.0, "resize": None,
                                                             "crop_size": [512, 512], "stride": [341, 341]}
+    fused = tmp_path / "eval_c2f"
+    assert main(["eval", str(config), "--checkpoint", str(model_file), "--out", str(fused), "--mode", "coarse_to_fine",
+                 "--no-progress"]) == 0
+    inference = json.loads((fused / "results.json").read_text())["datasets"]["night"]["inference"]
+    assert inference["mode"] == "coarse_to_fine" and inference["coarse_scale"] == 0.5 and inference["scale"] == 1.0
     with pytest.raises(SystemExit):  # argparse names the choices
         main(["eval", str(config), "--checkpoint", str(model_file), "--mode", "pyramid"])
 
