@@ -246,6 +246,8 @@ def test_from_start_iter_the_term_is_the_weighted_loss_of_the_perturbed_pass():
     # the same RNG state gives the same term: a resumed run (the trainer restores it) repeats it exactly
     torch.manual_seed(7)
     assert torch.equal(model.loss(images, labels, iteration=5)["loss_geco"], losses["loss_geco"])
+    # a training term: in eval mode the losses are the head's alone (geco_encoder_decoder.py line 30)
+    assert "loss_geco" not in model.eval().loss(images, labels, iteration=5)
 
 
 @pytest.mark.parametrize("method", ["lora", "soma"])

@@ -108,7 +108,7 @@ class Segmentor(nn.Module):
         if labels is None:
             return outputs
         losses = self.head.loss(outputs, labels, ignore_index=self.ignore_index)
-        if self.geco is not None:
+        if self.geco is not None and self.training:  # a training term, as the public code's (not in eval mode)
             losses["loss_geco"] = self._geco_term(features, queries, outputs, images.shape[-2:], iteration)
         return {"loss": sum(losses.values()), **losses}
 
