@@ -176,3 +176,14 @@ def test_dgss_predict_takes_the_mode_and_the_scale(tiny, tmp_path, capsys):
     assert main(["predict", str(tmp_path / "street.png"), "--checkpoint", str(model_file), "--out", str(out),
                  "--scale", "0"]) == 2
     assert "--scale must be above 0" in capsys.readouterr().err
+
+
+def test_the_predictors_resize_box_is_scaled_as_the_evaluations(tiny):
+    _, cfg, model, _ = tiny
+    model.eval_cfg = dataclasses.replace(cfg.eval, mode="coarse_to_fine", coarse_scale=1.0)
+    predictor = Predictor(model, cfg)
+    rgb = (np.random.default_rng(1).random((64, 96, 3)) * 255).astype(np.uint8)
+    scaled = predictor.predict(rgb, resize=(48, 32), scale=2.0)
+    with_eval(model, coarse_scale=0.5)
+    plain = predictor.predict(rgb, resize=(96, 64), scale=1.0)
+    assert torch.equal(scaled.scores, plain.scores)
