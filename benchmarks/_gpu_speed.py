@@ -194,19 +194,19 @@ def _checkpointing(check, section, rows, method, model, opt, amp, before=None) -
     """The step without checkpointing and with it (bf16), as now ("after": checkpointing_where_needed, Rein's
     operands outside the blocks) and as before issue 38 ("before": always checkpointed; Rein's per-layer
     hooks, without and with checkpointing, when ``before`` restores them)."""
-    from dgss.engine.speed import checkpointing_where_needed
+    from dgss.engine.speed import checkpointing_where_needed, set_checkpointing
 
     backbone = model.backbone
     plain = check.step_fn(model, opt, amp)
 
-    def checkpointed(context):
+    def checkpointed(context, mode="replay"):
         def run():
-            backbone.set_grad_checkpointing(True)
+            set_checkpointing(backbone, mode)
             try:
                 with context():
                     plain()
             finally:
-                backbone.set_grad_checkpointing(False)
+                set_checkpointing(backbone, None)
         return run
 
     name = f"checkpointing/{method}/{amp}"
@@ -214,7 +214,12 @@ def _checkpointing(check, section, rows, method, model, opt, amp, before=None) -
            f"{name}/ckpt-before": checkpointed(before or contextlib.nullcontext)}
     if before is not None:
         fns[f"{name}/none-before"] = within(before, plain)
+    if method == "rein":  # train.checkpoint_hooks=keep: Rein's hooks outside the recomputed region
+        fns[f"{name}/ckpt-keep"] = checkpointed(lambda: checkpointing_where_needed(model), "keep")
     section.run(fns, warmup=check.warmup, repeats=check.repeats)
+    if method == "rein":  # the peaks (one function per run): what "keep" costs in memory against "replay"
+        for mode in ("replay", "keep"):
+            section.run({f"{name}/ckpt-{mode}/peak": checkpointed(contextlib.nullcontext, mode)}, warmup=0, repeats=1)
 
 
 def _predict(check, section, method, model, amp, before) -> None:
@@ -359,6 +364,8 @@ def _ratios(section, rows, amp) -> None:
                  before=r(f"checkpointing/{method}/{amp}/ckpt-before", f"checkpointing/{method}/{amp}/none-before"
                          if f"checkpointing/{method}/{amp}/none-before" in cases else f"checkpointing/{method}/{amp}/none"),
                  after=r(f"checkpointing/{method}/{amp}/ckpt-after", f"checkpointing/{method}/{amp}/none"))
+    rows.add(f"{amp} step checkpointed / plain (rein, checkpoint_hooks=keep)", target="decides its default",
+             after=r(f"checkpointing/rein/{amp}/ckpt-keep", f"checkpointing/rein/{amp}/none"))
     # an estimate pass against a Full step in the same precision (Full: the precision cases above)
     for kind, full_case in (("after", "precision/full/fp32+tf32"), ("before", "precision/full/fp32"),
                             ("after/bf16", "precision/full/bf16")):

@@ -93,6 +93,7 @@ def test_the_speed_section_dry_run_prints_every_ratio_of_issue_38_before_and_aft
     assert 0.5 < rows["Rein backbone part / its FLOP floor"]["floor_x_limit"] < 2.0
     assert positive(rows["AdamW step, fused / foreach (Full)"]["after"])
     assert positive(rows["compiled / eager bf16 step (rein)"]["after"])
+    assert positive(rows["bf16 step checkpointed / plain (rein, checkpoint_hooks=keep)"]["after"])
     assert 0.0 <= rows["bf16 estimate's selection vs fp32's (Jaccard)"]["after"] <= 1.0
     # on a CPU, TF32 and the quantile method change nothing: before and after select the same entries
     assert speed["figures"]["estimate before/after selection Jaccard (TF32)"] == 1.0

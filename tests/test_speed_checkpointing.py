@@ -78,3 +78,69 @@ def test_the_plan_says_whether_checkpointing_is_needed(tmp_path):
     frozen = plan_memory(load_config(tiny_config(tmp_path, "frozen", method="frozen")), device="cpu",
                          gpu_memory=64 * GIB, variants=False)
     assert frozen.checkpointing == "no effect"
+
+
+def _step_counts(tmp_path, name, mode, checkpoint_calls, monkeypatch):
+    """One training step with checkpointing ``mode``: loss, gradients, Rein refinements run (0 for other
+    methods), block MLP calls, checkpoint calls."""
+    from dgss.engine.speed import set_checkpointing
+    from dgss.tuning.rein import Reins
+
+    tmp_path.mkdir(exist_ok=True)
+    trainer = _trainer(tmp_path, name)
+    model = trainer.model
+    set_checkpointing(model.backbone, mode)
+    refinements, inner = [0], [0]
+    refine = Reins.refine
+
+    def counted(self, *args, **kwargs):
+        refinements[0] += 1
+        return refine(self, *args, **kwargs)
+
+    monkeypatch.setattr(Reins, "refine", counted)
+    for block in model.backbone.blocks:
+        block.mlp.register_forward_hook(lambda *a: inner.__setitem__(0, inner[0] + 1))
+    checkpoint_calls[0] = 0
+    torch.manual_seed(0)
+    losses, _ = trainer.train_step(0)
+    monkeypatch.setattr(Reins, "refine", refine)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return model, losses["loss"], grads, refinements[0], inner[0], checkpoint_calls[0]
+
+
+@pytest.mark.parametrize("method", ["rein", "vpt"])
+def test_keep_mode_recomputes_the_blocks_but_runs_their_hooks_once(tmp_path, checkpoint_calls, monkeypatch, method):
+    _, loss, grads, refined, _, _ = _step_counts(tmp_path / "plain", method, None, checkpoint_calls, monkeypatch)
+    counts = {}
+    for mode in ("replay", "keep"):
+        model, loss_m, grads_m, refined_m, inner_m, ckpt_m = _step_counts(tmp_path / mode, method, mode,
+                                                                          checkpoint_calls, monkeypatch)
+        blocks = len(model.backbone.blocks)
+        # every block's own forward is recomputed where a gradient passes; under "keep" none passes through
+        # Rein's first block (its own forward has nothing to differentiate: only the hook after it does)
+        assert ckpt_m == blocks and inner_m == 2 * blocks - int(mode == "keep" and method == "rein")
+        counts[mode] = refined_m
+        assert loss_m == pytest.approx(loss, rel=1e-6)
+        assert grads_m.keys() == grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(grads_m[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    if method == "rein":  # Rein's refinement: once per block and step under "keep", again in the re-runs under "replay"
+        assert refined == counts["keep"] == blocks
+        assert counts["replay"] == 2 * blocks
+
+
+def test_checkpoint_modes_keep_the_keys_switch_off_and_back_and_name_bad_values(tmp_path):
+    from dgss.engine.speed import checkpoint_mode, set_checkpointing, without_checkpointing
+
+    trainer = _trainer(tmp_path, "rein", "train.checkpoint_hooks=keep")
+    backbone = trainer.model.backbone
+    assert checkpoint_mode(backbone) == "keep" and not backbone.grad_checkpointing  # timm's own is off
+    keys = list(trainer.model.state_dict())
+    with without_checkpointing(backbone):
+        assert checkpoint_mode(backbone) is None
+        assert all("forward" not in block.__dict__ for block in backbone.blocks)
+    assert checkpoint_mode(backbone) == "keep" and list(trainer.model.state_dict()) == keys
+    set_checkpointing(backbone, "replay")
+    assert backbone.grad_checkpointing and all("forward" not in block.__dict__ for block in backbone.blocks)
+    with pytest.raises(ValueError, match="train.checkpoint_hooks.*'sometimes'"):
+        set_checkpointing(backbone, "sometimes")

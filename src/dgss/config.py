@@ -486,6 +486,13 @@ class TrainConfig:
     # per step for far less backbone activation memory (the head's is unchanged); same losses and
     # gradients. The speed options may change when resuming.
     grad_checkpointing: bool = False
+    # what checkpointing recomputes of a method's hooks on a block (Rein, VPT): "replay" (timm's: the hooks
+    # run again with the block, the least memory) or "keep" (only the block's own forward is recomputed;
+    # its hooks run once and keep their activations). "replay" stays the default until
+    # benchmarks/gpu_check.py's speed section measures "keep" on a GPU (issue 38: the H200 found
+    # Rein's bf16 step 1.53 x slower checkpointed, Full's 1.17 x). Hooks inside a block (LoRA, FisherTune,
+    # SoMA) are recomputed either way; same losses and gradients either way.
+    checkpoint_hooks: Literal["replay", "keep"] = "replay"
     # torch.compile of the backbone and the head, in place (state-dict keys and checkpoints unchanged)
     # and before DDP wraps the model; the first steps (and each new input shape) pay the compilation
     compile: bool = False
@@ -934,7 +941,8 @@ NON_EXPERIMENT_KEYS = (
     "train.eval_interval", "data.val",  # source validation: reported, never selects the model
     "train.checkpoint_interval", "train.keep_checkpoints",  # what it keeps on disk
     "train.device", "data.num_workers", "train.find_unused_parameters",  # where and how fast it runs
-    "train.grad_checkpointing", "train.compile", "train.compile_mode", "train.compile_backend",  # same losses
+    "train.grad_checkpointing", "train.checkpoint_hooks", "train.compile", "train.compile_mode",  # same losses
+    "train.compile_backend",
     "train.parallel",  # FSDP's step equals DDP's
     "train.fused_adamw",  # the same updates within float rounding
 )

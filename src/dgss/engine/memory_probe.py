@@ -37,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .speed import checkpointing_needed
+from .speed import checkpointing_needed, set_checkpointing
 
 __all__ = ["Peak", "StepPeaks", "LiveBytes", "EmulatedAutocast", "FusedAttention", "planning_matcher",
            "prepare_method", "probe_training_step", "probe_estimate_pass"]
@@ -267,7 +267,7 @@ def _segmentor(cfg, device: str) -> nn.Module:
         model = build_segmentor(cfg)
     model.train()
     if cfg.train.grad_checkpointing and checkpointing_needed(model):  # as the trainer's step does
-        model.backbone.set_grad_checkpointing(True)
+        set_checkpointing(model.backbone, getattr(cfg.train, "checkpoint_hooks", "replay"))
     return model
 
 

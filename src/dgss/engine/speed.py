@@ -14,6 +14,8 @@
   backbone trains (:func:`checkpointing_needed`: Frozen, LPFT's probing stage): there is nothing to save.
   Hook-based methods keep their per-forward work outside the checkpointed blocks (Rein's operands are
   computed by a pre-hook on the backbone), so a block's re-run repeats only the block and its hook.
+  ``train.checkpoint_hooks: keep`` recomputes the block's own forward only (:func:`set_checkpointing`):
+  hooks on the block (Rein, VPT) run once and keep their activations, for more memory than "replay".
 * ``train.compile``: ``nn.Module.compile()`` of the backbone and of the head, in place: the modules keep
   their names and parameters, so state-dict keys, checkpoints and the optimizer are unchanged, and DDP
   wraps the model afterwards (what the PyTorch documentation advises: compile the inner module). The
@@ -25,13 +27,15 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 __all__ = ["apply_speed_options", "compile_segmentor", "compile_errors", "is_compiled", "without_checkpointing",
-           "checkpointing_needed", "checkpointing_where_needed", "CompileError"]
+           "checkpointing_needed", "checkpointing_where_needed", "checkpoint_mode", "set_checkpointing",
+           "CHECKPOINT_MODES", "CompileError"]
 
 
 class CompileError(RuntimeError):
@@ -73,9 +77,10 @@ def compile_segmentor(model: nn.Module, *, mode: str = "default", backend: str =
 
 
 def apply_speed_options(model: nn.Module, train) -> None:
-    """``train.grad_checkpointing`` and ``train.compile`` on a Segmentor (before the optimizer and DDP)."""
+    """``train.grad_checkpointing`` (as ``train.checkpoint_hooks`` says) and ``train.compile`` on a
+    Segmentor (before the optimizer and DDP)."""
     if train.grad_checkpointing:
-        model.backbone.set_grad_checkpointing(True)
+        set_checkpointing(model.backbone, getattr(train, "checkpoint_hooks", "replay"))
     if train.compile:
         compile_segmentor(model, mode=train.compile_mode, backend=train.compile_backend)
 
@@ -94,7 +99,7 @@ def checkpointing_needed(model: nn.Module) -> bool:
 def checkpointing_where_needed(model: nn.Module) -> Iterator[None]:
     """The training step's forward and backward: the backbone's checkpointing off inside the block when
     :func:`checkpointing_needed` says it saves nothing (back on afterwards)."""
-    if getattr(model.backbone, "grad_checkpointing", False) and not checkpointing_needed(model):
+    if checkpoint_mode(model.backbone) is not None and not checkpointing_needed(model):
         with without_checkpointing(model.backbone):
             yield
     else:
@@ -103,15 +108,56 @@ def checkpointing_where_needed(model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def without_checkpointing(backbone) -> Iterator[None]:
-    """Turn the backbone's activation checkpointing off inside the block (back on afterwards)."""
-    enabled = getattr(backbone, "grad_checkpointing", False)
-    if enabled:
-        backbone.set_grad_checkpointing(False)
+    """Turn the backbone's activation checkpointing off inside the block (back on afterwards, as it was)."""
+    mode = checkpoint_mode(backbone)
+    if mode is not None:
+        set_checkpointing(backbone, None)
     try:
         yield
     finally:
-        if enabled:
-            backbone.set_grad_checkpointing(True)
+        if mode is not None:
+            set_checkpointing(backbone, mode)
+
+
+CHECKPOINT_MODES = ("replay", "keep")
+
+
+def checkpoint_mode(backbone) -> Optional[str]:
+    """How the backbone's blocks are checkpointed now: "replay", "keep" or None (not at all)."""
+    mode = getattr(backbone, "_checkpoint_mode", None)
+    if mode is None and getattr(backbone, "grad_checkpointing", False):  # set on the backbone directly
+        return "replay"
+    return mode
+
+
+def set_checkpointing(backbone, mode: Optional[str]) -> None:
+    """Checkpoint every block of ``backbone`` ("replay": timm's, the block's hooks recomputed with it;
+    "keep": the block's own forward only, its hooks run once outside the recomputed region and keep their
+    activations), or none (None). Both non-reentrant; neither changes a name, a parameter or a result."""
+    if mode is not None and mode not in CHECKPOINT_MODES:
+        raise ValueError(f"train.checkpoint_hooks must be one of {', '.join(CHECKPOINT_MODES)}, got {mode!r}")
+    backbone.set_grad_checkpointing(mode == "replay")
+    for block in backbone.blocks:
+        _checkpoint_own_forward(block, mode == "keep")
+    backbone._checkpoint_mode = mode
+
+
+def _checkpoint_own_forward(block: nn.Module, enable: bool) -> None:
+    """Make ``block.forward`` (an instance attribute over the class's: no state-dict key changes) run under
+    non-reentrant checkpointing when autograd is on; ``nn.Module.__call__`` runs the hooks around it."""
+    wrapped = "_plain_forward" in block.__dict__
+    if enable and not wrapped:
+        plain = block.forward
+
+        def forward(*args, **kwargs):
+            if torch.is_grad_enabled():
+                return torch.utils.checkpoint.checkpoint(plain, *args, use_reentrant=False, **kwargs)
+            return plain(*args, **kwargs)
+
+        block.__dict__["_plain_forward"] = plain
+        block.forward = forward
+    elif not enable and wrapped:
+        del block.__dict__["forward"], block.__dict__["_plain_forward"]
 
 
 def is_compiled(module: nn.Module) -> bool:
