@@ -300,7 +300,8 @@ def _estimate(check, section, rows, model, opt, amp) -> None:
     from dgss.tuning.fishertune.report import jaccard, selection_positions
 
     method = model.method
-    method.cfg = dataclasses.replace(method.cfg, selection="drfim", num_batches=2)
+    # per-batch gradients, as the H200's 1.48 s per pass (issue 38's "4-5 x a training step") was measured
+    method.cfg = dataclasses.replace(method.cfg, selection="drfim", num_batches=2, per_sample=False)
     pool = [(check.images, check.labels), (check.images.flip(-1), check.labels.flip(-1))]
 
     def batches():
