@@ -117,3 +117,35 @@ def test_build_optimizer_picks_foreach_on_a_cpu_and_the_default_when_off(tmp_pat
     assert build_optimizer(model, cfg.train, 1.0).param_groups[0]["foreach"] is True
     cfg.train.fused_adamw = False
     assert build_optimizer(model, cfg.train, 1.0).param_groups[0]["foreach"] is None
+
+
+def _step_temporary(kind: dict) -> int:
+    """Bytes AdamW's second step allocates and frees (its moments exist after the first), measured."""
+    from dgss.engine.memory_probe import LiveBytes
+
+    params = [torch.randn(64, 32, requires_grad=True), torch.randn(128, requires_grad=True)]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, **kind)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    with LiveBytes() as tracker:
+        optimizer.step()
+    return tracker.phases[-1].total
+
+
+def test_the_planner_counts_the_temporary_of_the_adamw_that_runs(tmp_path):
+    from dgss.engine.memory_plan import Planner
+
+    state_sized, largest = (64 * 32 + 128) * 4, 64 * 32 * 4
+    assert _step_temporary({"foreach": True}) >= state_sized  # foreach: the second moments' sqrt, all at once
+    assert _step_temporary({"foreach": False}) <= 2 * largest  # the loop: one tensor's at a time
+    assert _step_temporary({"fused": True}) < largest // 4  # fused: in place
+    cfg = load_config(tiny_config(tmp_path))
+    gpu, cpu = Planner(cfg, device="cuda"), Planner(cfg, device="cpu")
+    assert gpu._optimizer_transient(1) == 0  # fused on CUDA
+    assert gpu._optimizer_transient(8) == gpu.grad_bytes // 8  # FSDP: foreach
+    assert cpu._optimizer_transient(1) == cpu.grad_bytes  # foreach on a CPU
+    for planner in (gpu, cpu):
+        planner.cfg.train.fused_adamw = False
+    assert gpu._optimizer_transient(1) == gpu.grad_bytes  # torch's own choice on CUDA: foreach
+    assert cpu._optimizer_transient(1) == 2 * cpu.largest_trainable  # torch's own on a CPU: the loop

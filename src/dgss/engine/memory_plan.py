@@ -8,7 +8,8 @@ AdamW's two moments of every trainable tensor (fp32, as dgss trains). Activation
 modelled: one step of the same config at two or three small depths on the meta device
 (:mod:`.memory_probe`), each phase's peak scaled linearly to the full number of blocks (for SoMA,
 frozen and tuned blocks separately). bf16 is CUDA autocast's (emulated on meta); the optimizer step's
-transient is foreach AdamW's one state-sized temporary on a GPU (the largest tensor's on a CPU).
+transient is AdamW's temporary: none for fused AdamW (a GPU's default, ``train.fused_adamw``), one
+state-sized for foreach (a CPU's, FSDP's), two of the largest tensor's for torch's per-tensor loop.
 
 Several processes: DDP adds its gradient buckets (a gradient-sized copy); FSDP (``train.parallel:
 fsdp``) divides weights, gradients and state by the process count and adds the two blocks it holds
@@ -283,7 +284,7 @@ class Planner:
         phase = max(peaks.head, peaks.backbone, key=lambda p: p.total)
         grads_at_peak = -(-phase.grads // shards)
         activations = phase.total - phase.grads
-        transient = self.grad_bytes // shards if self.device != "cpu" else 2 * self.largest_trainable
+        transient = self._optimizer_transient(shards)
         step = -(-self.grad_bytes // shards) + transient
         if step > grads_at_peak + activations:  # the optimizer step is the peak
             grads_at_peak, activations = -(-self.grad_bytes // shards), 0
@@ -297,6 +298,18 @@ class Planner:
         if self.fishertune is not None:
             plan.estimate = self.estimate_plan(gpus if parallel == "ddp" else 1)
         return plan
+
+    def _optimizer_transient(self, shards: int) -> int:
+        """AdamW's temporary at its step, by the implementation dgss.engine.optim picks (train.fused_adamw):
+        fused (CUDA, unsharded) works in place; foreach (a CPU, FSDP, or fused_adamw off on CUDA) makes one
+        state-sized temporary (the sqrt of the second moments); torch's per-tensor loop on a CPU (fused_adamw
+        off) two of the largest tensor's."""
+        fused = getattr(self.cfg.train, "fused_adamw", False)
+        if self.device != "cpu" and fused and shards == 1:
+            return 0
+        if self.device == "cpu" and not fused:
+            return 2 * self.largest_trainable
+        return self.grad_bytes // shards
 
     def estimate_plan(self, gpus: int) -> dict:
         """FisherTune's stage-2 peak: weights, the head's AdamW state and last gradients, then the largest
