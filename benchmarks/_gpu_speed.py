@@ -16,7 +16,9 @@ torch's FlopCounterMode on the same inputs); Rein bf16 predict / Frozen bf16 pre
 checkpointed / plain bf16 step per method (adapters <= Full's + 0.1; Frozen 1.00 +- 0.03); one estimate
 pass / a Full step in the same precision (<= 1.5) and the paper's 200-pass estimate in seconds (<= 60);
 the bf16 estimate's selection against fp32's (Jaccard, decides method.fishertune.estimate_precision);
-fused / foreach AdamW step; torch.compile'd / eager bf16 step per method (decides train.compile).
+fused / foreach AdamW step; torch.compile'd / eager bf16 step per method (decides train.compile). And, on
+CUDA, the anatomy of Full's fp32 peak (which code allocated what is alive then): the planner's gap to the
+H200's measurements (1.2-1.4 GiB on Full and FisherTune) is to be read from it.
 """
 
 from __future__ import annotations
@@ -162,6 +164,7 @@ def speed_section(check, section: gs.Section) -> None:
         _checkpointing(check, section, rows, method, model, opt, bf16, before=before)
         if method == "full":
             _optimizer(check, section, rows, model)
+            _memory_anatomy(check, section, model, opt, "fp32")
         if method == "rein":
             _predict(check, section, "rein", model, bf16, before)
             _rein_floor(check, section, rows, model, backbone_opt, models)
@@ -405,6 +408,61 @@ def _compile(check, section, rows, amp) -> None:
         del model, opt, fn
         torch._dynamo.reset()
         gs.free_memory(check.device)
+
+
+def peak_anatomy(trace: list[dict], top: int = 15) -> dict:
+    """What was allocated, and by which code, at the peak of ``torch.cuda.memory_allocated`` over a
+    recorded stretch (``torch.cuda.memory._snapshot()["device_traces"][i]``): the trace replayed (alloc +,
+    free_requested -), the blocks alive at its highest point grouped by the innermost frame in dgss (else
+    in torch), largest first. Blocks allocated before the recording (weights, optimizer state) are not
+    in the trace and not counted: what remains is what a step allocates, which the planner must foresee."""
+    live: dict = {}
+    current = peak = 0
+    at_peak: dict = {}
+    for event in trace:
+        action, addr, size = event.get("action"), event.get("addr"), int(event.get("size", 0))
+        if action == "alloc":
+            live[addr] = event
+            current += size
+            if current > peak:
+                peak, at_peak = current, dict(live)
+        elif action == "free_requested" and addr in live:
+            del live[addr]
+            current -= size
+    groups: dict = {}
+    for event in at_peak.values():
+        frames = event.get("frames") or []
+        where = next((f for f in frames if "/dgss/" in f.get("filename", "")), None) or \
+            next((f for f in frames if "/torch/" in f.get("filename", "")), None)
+        key = (f"{where['filename'].rsplit('/', 2)[-2]}/{where['filename'].rsplit('/', 1)[-1]}:{where['line']} "
+               f"{where['name']}" if where else "(no Python frame)")
+        count, total = groups.get(key, (0, 0))
+        groups[key] = (count + 1, total + int(event.get("size", 0)))
+    ranked = sorted(groups.items(), key=lambda item: -item[1][1])[:top]
+    return {"peak_mib": round(peak / 2**20, 1),
+            "by_code": [{"where": k, "blocks": n, "mib": round(b / 2**20, 1)} for k, (n, b) in ranked]}
+
+
+def _memory_anatomy(check, section, model, opt, amp) -> None:
+    """On CUDA: the allocations alive at the peak of two training steps, by code (:func:`peak_anatomy`), for
+    the plan's gap on Full (the H200 measured 1.2-1.4 GiB more than dgss plan for Full and FisherTune in every
+    variant, 0.17-0.2 GiB more for Frozen, Rein and LoRA: benchmarks/results/gpu_h200/)."""
+    if check.device.type != "cuda" or not section.can_start("memory anatomy"):
+        section.note("memory anatomy: CUDA only (torch.cuda.memory._record_memory_history)")
+        return
+    step = check.step_fn(model, opt, amp)
+    step()  # the optimizer state exists before the recording
+    torch.cuda.synchronize(check.device)
+    torch.cuda.memory._record_memory_history(max_entries=500_000, context="alloc", stacks="python")
+    try:
+        step()
+        step()
+        torch.cuda.synchronize(check.device)
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    trace = snapshot["device_traces"][check.device.index or 0]
+    section.data["figures"][f"memory anatomy (full, {amp}, two steps)"] = peak_anatomy(trace)
 
 
 def speed_table(section: dict) -> list[str]:

@@ -228,3 +228,28 @@ def test_a_build_out_of_memory_is_recorded_and_the_section_goes_on(tmp_path, mon
         cases = data["sections"][section]["cases"]
         assert {name: e["status"] for name, e in cases.items()} == {f"{m}: build": "oom" for m in methods}
         assert not data["sections"][section].get("failed")
+
+
+def test_the_peak_anatomy_replays_a_trace_and_groups_the_blocks_alive_at_its_peak():
+    import _gpu_speed
+
+    def frame(file, line, name):
+        return {"filename": f"/x/site-packages/{file}", "line": line, "name": name}
+
+    mib = 2**20
+    act = [frame("torch/nn/functional.py", 5, "linear"), frame("dgss/models/segmentor.py", 96, "forward_features")]
+    tmp = [frame("torch/optim/adamw.py", 9, "_multi_tensor_adamw")]
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 100 * mib, "frames": act},
+        {"action": "alloc", "addr": 2, "size": 50 * mib, "frames": act},
+        {"action": "free_requested", "addr": 999, "size": 7 * mib},  # allocated before the recording: ignored
+        {"action": "alloc", "addr": 3, "size": 30 * mib, "frames": tmp},  # the peak: 180 MiB
+        {"action": "free_requested", "addr": 2, "size": 50 * mib},
+        {"action": "free_completed", "addr": 2, "size": 50 * mib},
+        {"action": "alloc", "addr": 4, "size": 60 * mib, "frames": tmp},  # 130 + 60 = 190: the new peak
+        {"action": "free_requested", "addr": 1, "size": 100 * mib},
+    ]
+    anatomy = _gpu_speed.peak_anatomy(trace)
+    assert anatomy["peak_mib"] == 190.0  # 100 + 30 + 60 (the block freed before counts no more)
+    assert anatomy["by_code"] == [{"where": "models/segmentor.py:96 forward_features", "blocks": 1, "mib": 100.0},
+                                  {"where": "optim/adamw.py:9 _multi_tensor_adamw", "blocks": 2, "mib": 90.0}]
