@@ -8,6 +8,7 @@
    dtype casts, under autocast bf16 and fp32, with and without autograd (a 4-block DINOv2-shaped ViT of
    width 256, M = 100 tokens).
 3. Host reads (device syncs on a GPU) per FisherTune estimate pass, dense and streamed.
+4. With ``--plan-vs-h200 METHODS``: dgss plan against the peaks the H200 measured (benchmarks/results/gpu_h200).
 """
 
 from __future__ import annotations
@@ -132,15 +133,47 @@ def host_reads() -> None:
               f"{1 + 24 if streamed else 24})")
 
 
+def plan_vs_h200(methods: list[str]) -> None:
+    """dgss plan (foreach AdamW, as measured) against the H200's training-section peaks (gpu_check run 1)."""
+    import json
+
+    from dgss.config import load_config
+    from dgss.engine.memory_plan import Planner
+
+    results = Path(__file__).resolve().parent / "results" / "gpu_h200" / "gpu_check_run1.json"
+    cases = json.loads(results.read_text())["sections"]["training"]["cases"]
+    print("4. dgss plan against the H200's measured peaks (training section of gpu_check_run1.json), MiB:")
+    print("   | case | measured | planned | planned / measured | measured - planned |")
+    print("   |---|---|---|---|---|")
+    for method in methods:
+        cfg = load_config(overrides=[f"method.name={method}", "method.fishertune.selection=random",
+                                     "method.soma.start_block=8", "data.crop_size=[512,512]", "train.batch_size=4",
+                                     "train.fused_adamw=false"])  # the run used foreach AdamW
+        planner = Planner(cfg, device="cuda")
+        for amp in ("fp32", "bf16"):
+            for ckpt in ("no-ckpt", "ckpt"):
+                entry = cases.get(f"{method}/{amp}/{ckpt}")
+                if not entry or "peak_mib" not in entry:
+                    continue
+                plan = planner.plan(amp="none" if amp == "fp32" else amp, grad_checkpointing=ckpt == "ckpt")
+                planned = plan.training_peak / 2**20
+                print(f"   | {method}/{amp}/{ckpt} | {entry['peak_mib']:.0f} | {planned:.0f} | "
+                      f"{planned / entry['peak_mib']:.3f} | {entry['peak_mib'] - planned:.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--entries", type=int, default=2**22)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--plan-vs-h200", metavar="METHODS",
+                        help="also plan these methods (e.g. frozen,rein,full) against the H200's peaks (minutes)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     quantiles(args.entries, args.repeats)
     rein_ops()
     host_reads()
+    if args.plan_vs_h200:
+        plan_vs_h200(args.plan_vs_h200.split(","))
 
 
 if __name__ == "__main__":
