@@ -174,14 +174,17 @@ class Reins(nn.Module):
         """The operands of :meth:`_refine_training` for every layer (or one ``layer``), with autograd: one
         batched token product and one batched ``mlp_token2feat`` for all layers instead of one per layer."""
         tokens = self.tokens() if layer is None else self.tokens(layer)[None]  # L x M x C
-        padded = _padded_tokens(tokens.shape[1])
-        logits_t = nn.functional.pad(tokens * self.embed_dim**-0.5, (0, 0, 0, padded - tokens.shape[1]))
-        values = nn.functional.pad(self.mlp_token2feat(tokens[:, 1:]), (0, 0, 1, padded - tokens.shape[1]))
+        # the sizes from the module's own count, a Python int: a traced tensor shape (ONNX export) would
+        # turn the padding into shape arithmetic the exporter cannot infer
+        count = self.num_tokens
+        padded = _padded_tokens(count)
+        logits_t = nn.functional.pad(tokens * self.embed_dim**-0.5, (0, 0, 0, padded - count))
+        values = nn.functional.pad(self.mlp_token2feat(tokens[:, 1:]), (0, 0, 1, padded - count))
         scale = self.scale
         return ReinOperands(
             inference=False, first_layer=layer or 0, dtype=logits_t.dtype, logits_t=logits_t.transpose(1, 2),
             values=values, weight=scale * self.mlp_delta_f.weight, bias=scale * self.mlp_delta_f.bias,
-            mask=_token_mask(tokens.shape[1], padded, logits_t.dtype, logits_t.device),
+            mask=_token_mask(count, padded, logits_t.dtype, logits_t.device),
             versions=_versions(self))
 
     def inference_operands(self, dtype: torch.dtype) -> "ReinOperands":
