@@ -115,7 +115,7 @@ def test_demo_usage_errors_are_one_line(tmp_path, capsys):
     assert "unknown method(s) lora2" in capsys.readouterr().err
     assert main(["demo", "--foundation", str(tmp_path / "missing.safetensors")]) == 2
     assert "file not found" in capsys.readouterr().err
-    assert main(["demo", "--pretrain-ssl", str(tmp_path / "vit.safetensors"), "--pool-version", "3"]) == 2
-    assert "--pool-version must be one of 1, 2, got 3" in capsys.readouterr().err
+    assert main(["demo", "--pretrain-ssl", str(tmp_path / "vit.safetensors"), "--pool-version", "4"]) == 2
+    assert "--pool-version must be one of 1, 2, 3, got 4" in capsys.readouterr().err
     assert main(["demo", "--pool-version", "2", "--out", str(tmp_path)]) == 2
     assert "give it with --pretrain-ssl" in capsys.readouterr().err
