@@ -60,6 +60,11 @@ _ROWS: dict[str, tuple[str, list[str]]] = {
     # FADA (issue 40) sized and paced as the testbed's Rein (experiment.py's tokens, world.py's lr_mult)
     "fada": ("fada", ["method.fada.num_tokens=24", "method.fada.lora_rank=4", "method.fada.query_dim=64",
                       "method.fada.lr_mult=0.1"]),
+    # FADA with the paper's spatial wavelet (layout "paper") beside the public code's arithmetic ("fada": its
+    # reshape makes the Haar filters act on each token's channels, at the testbed's 16 x 16 tokens of width
+    # 96 as at its published 32 x 32 of width 1024), as soma-public stands beside soma (docs/methods/fada.md)
+    "fada-paper": ("fada", ["method.fada.num_tokens=24", "method.fada.lora_rank=4", "method.fada.query_dim=64",
+                            "method.fada.lr_mult=0.1", "method.fada.layout=paper"]),
     "ft-random": ("fishertune", ["method.fishertune.selection=random"]),
     "ft-fim": ("fishertune", ["method.fishertune.selection=fisher"]),
     "ft-domain": ("fishertune", ["method.fishertune.selection=domain"]),

@@ -77,12 +77,16 @@ CLAIMS = (
     ("f3", "DR-FIM selection beats Delta-F (domain term alone)", "fishertune", "ft-domain", "target", +1),
     ("g", "the variational estimate helps", "fishertune", "ft-plain", "target", +1),
     ("h", "training with x' helps", "fishertune", "ft-no-xprime", "target", +1),
+    # the newer methods' claims (issue 40): FADA's over Rein, whose code it extends; GeCo's over SoMA as
+    # its public code runs, which is GeCo's code without the loss
+    ("i", "FADA beats Rein on the targets", "fada", "rein", "target", +1),
+    ("j", "GeCo's loss helps SoMA (as its public code runs) on the targets", "geco", "soma-public", "target", +1),
 )
 
 
 # The testbed's rows (docs/testbed.md): the default run and the --core subset that decides P1-P4.
 REQUIRED_ROWS = ("frozen", "full", "lp-ft", "wise-ft", "scratch", "rein", "fishertune", "lora", "soma", "soma-public",
-                 "ft-random", "ft-fim", "ft-domain", "frozen-label", "fishertune-label", "frozen-2x")
+                 "fada", "geco", "ft-random", "ft-fim", "ft-domain", "frozen-label", "fishertune-label", "frozen-2x")
 CORE_ROWS = ("frozen", "full", "lp-ft", "rein", "fishertune", "frozen-2x")
 
 # Preconditions of a verdict (the testbed issue's numbers; change the world, never these).
