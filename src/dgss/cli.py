@@ -359,7 +359,8 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
                         "itself runs on the CPU)")
     parser.add_argument("--pool-version", type=int, metavar="N",
                         help="with --pretrain-ssl: the unlabeled pool's version (dgss.testbed.pool: 2, the shipped "
-                        "file's and the default, adds dim scenes without night's look to 1)")
+                        "file's and the default, adds dim scenes without night's look to 1; 3 adds night's "
+                        "look, snow alone held out)")
     parser.add_argument("--no-progress", action="store_true",
                         help="log lines instead of progress bars (automatic when the output is not a terminal)")
 
