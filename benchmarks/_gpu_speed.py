@@ -305,14 +305,6 @@ def _estimate(check, section, rows, model, opt, amp) -> None:
     method = model.method
     # per-batch gradients, as the H200's 1.48 s per pass (issue 38's "4-5 x a training step") was measured
     method.cfg = dataclasses.replace(method.cfg, selection="drfim", num_batches=2, per_sample=False)
-    pool = [(check.images, check.labels), (check.images.flip(-1), check.labels.flip(-1))]
-
-    def batches():
-        i = 0
-        while True:
-            image, label = pool[i % 2]
-            yield {"image": image, "label": label}
-            i += 1
 
     selections = {}
 
@@ -320,7 +312,7 @@ def _estimate(check, section, rows, model, opt, amp) -> None:
         def run():
             torch.manual_seed(0)  # the same loss samples (Mask2Former's points) in every variant: only precision differs
             method.estimate_autocast = dtype
-            method.select(method.estimate(model, batches(), seed=0), seed=0)
+            method.select(method.estimate(model, gs.alternating_batches(check), seed=0), seed=0)
             selections[key] = selection_positions(method).cpu()
         return run
 

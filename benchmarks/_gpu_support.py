@@ -170,6 +170,17 @@ class Section:
         self.report.save()
 
 
+def alternating_batches(check):
+    """An endless stream of the check's batch and its mirror image, alternately: the estimate's passes see
+    two different batches without a data loader."""
+    pool = [(check.images, check.labels), (check.images.flip(-1), check.labels.flip(-1))]
+    i = 0
+    while True:
+        image, label = pool[i % 2]
+        yield {"image": image, "label": label}
+        i += 1
+
+
 def ok(entry: Optional[dict]) -> bool:
     return bool(entry) and entry.get("status") == "ok" and "median_s" in entry
 

@@ -281,14 +281,6 @@ def estimate(check: Check, section: gs.Section) -> None:
         return
     model, whole_opt, _ = built
     method = model.method
-    pool = [(check.images, check.labels), (check.images.flip(-1), check.labels.flip(-1))]
-
-    def batches():
-        i = 0
-        while True:
-            image, label = pool[i % 2]
-            yield {"image": image, "label": label}
-            i += 1
 
     scores = {}
     figures = section.data["figures"]
@@ -299,7 +291,7 @@ def estimate(check: Check, section: gs.Section) -> None:
         method.cfg = dataclasses.replace(method.cfg, per_sample=per_sample)
 
         def run():
-            scores["last"] = method.estimate(model, batches(), seed=0)
+            scores["last"] = method.estimate(model, gs.alternating_batches(check), seed=0)
 
         # one warm-up for both (the per-sample run follows the warmed-up per-batch one)
         entry = section.run({f"estimate/{kind}": run}, warmup=0 if per_sample else 1,
