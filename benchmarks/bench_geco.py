@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 from dgss.config import GeCoLossConfig, load_config
 from dgss.models.geco import perturb_feature_map
 from dgss.tuning.model import build_segmentor
+
+from bench_inference import run_times
 
 TINY = ["method.name=soma", "method.soma.rank=4", "method.soma.start_block=2", "model.backbone=dinov2_s",
         "model.img_size=128", "model.backbone_kwargs={depth: 6, embed_dim: 96, num_heads: 3}",
@@ -32,14 +33,8 @@ TINY = ["method.name=soma", "method.soma.rank=4", "method.soma.start_block=2", "
 
 
 def medians(fns: dict, warmup: int, repeats: int) -> dict:
-    times = {k: [] for k in fns}
-    names = list(fns)
-    for rep in range(warmup + repeats):
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v[warmup:]) for k, v in times.items()}
+    """Each function's median time (bench_inference.run_times: interleaved, in a rotating order)."""
+    return {k: statistics.median(v) for k, v in run_times(fns, warmup, repeats).items()}
 
 
 def training_step(args) -> None:
