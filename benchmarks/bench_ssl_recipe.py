@@ -39,7 +39,7 @@ def main() -> None:
     path = pretrain_ssl_foundation(out / "foundation.safetensors", iters=args.iters, device=args.device,
                                    checkpoint=out / "state.pt", monitor_every=args.monitor_every, progress=False,
                                    overrides=overrides, log_every=50, workers=args.workers, stop_at=args.stop_at,
-                                   time_limit=args.time_limit)
+                                   time_limit=args.time_limit, snapshots=out / "snapshots")
     if path is None:
         return  # a chunk ended; the same command resumes it
     manifest = json.loads(path.with_suffix(".json").read_text())

@@ -85,6 +85,10 @@ def test_the_recipe_records_a_pool_version_only_when_it_is_not_the_first():
     assert ssl_pretrain_command(pool_version=1) == "dgss demo --pretrain-ssl src/dgss/assets/testbed_foundation_vit.safetensors"
     assert ssl_pretrain_command() == ssl_pretrain_command(pool_version=2)  # the shipped file's pool
     assert ssl_pretrain_command(pool_version=2, device="cuda").endswith("--pool-version 2 --device cuda")
+    # a longer run (issue 37's 2-million-image one) names its length, so its manifest's command remakes it
+    assert ssl_pretrain_command(pool_version=3, iters=62_500).endswith("--pool-version 3 --iters 62500")
+    assert ssl_pretrain_command(iters=500, threads=1) == ssl_pretrain_command()  # the shipped recipe's values
+    assert ssl_pretrain_command(threads=2).endswith("--threads 2")
 
 
 def test_ssl_augmentations_never_dim_below_three_quarters():

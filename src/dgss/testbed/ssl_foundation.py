@@ -74,9 +74,14 @@ _MONITOR_SEED = 95_000_000  # monitor scenes: disjoint from the pool and every b
 
 
 def ssl_pretrain_command(out: str | os.PathLike = "src/dgss/assets/testbed_foundation_vit.safetensors",
-                         device: str = "cpu", pool_version: int = SHIPPED_POOL_VERSION) -> str:
+                         device: str = "cpu", pool_version: int = SHIPPED_POOL_VERSION,
+                         iters: Optional[int] = None, threads: Optional[int] = None) -> str:
+    """The command that remakes a foundation file: options named only where they differ from the shipped
+    recipe's (so the shipped file's recorded command, and its bytes, stay as they were)."""
     # version 1 is the command's implicit pool (the files made before versions existed name none)
     return (f"dgss demo --pretrain-ssl {out}" + (f" --pool-version {pool_version}" if pool_version != 1 else "")
+            + (f" --iters {iters}" if iters not in (None, PRETRAIN_SSL["iters"]) else "")
+            + (f" --threads {threads}" if threads not in (None, PRETRAIN_SSL["threads"]) else "")
             + (f" --device {device}" if device != "cpu" else ""))
 
 
@@ -85,6 +90,23 @@ def build_ssl_backbone(weights: Optional[str] = None):
 
     return build_backbone(SSL_FOUNDATION["backbone"], weights=weights, img_size=SSL_FOUNDATION["img_size"],
                           patch_size=SSL_FOUNDATION["patch_size"], **SSL_FOUNDATION["backbone_kwargs"])
+
+
+def initial_ssl_backbone(recipe: dict):
+    """The foundation ViT as pretraining starts it (the recipe's seed, its LayerScale init): the point of
+    zero images seen on the curve of pretraining length."""
+    torch.manual_seed(recipe["seed"])
+    backbone = build_ssl_backbone()
+    with torch.no_grad():
+        for name, param in backbone.model.named_parameters():
+            if name.endswith((".ls1.gamma", ".ls2.gamma")):
+                param.fill_(recipe["layerscale_init"])
+    return backbone
+
+
+def recipe_of(overrides: dict) -> dict:
+    """The full recipe (as recorded in a state and a manifest) of the shipped one updated by ``overrides``."""
+    return _recipe(overrides)[0]
 
 
 def _recipe(overrides: dict) -> tuple[dict, SSLRecipe]:
@@ -235,12 +257,26 @@ def _save_checkpoint(path: Path, it: int, objective: SelfDistillation, optimizer
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def _save_snapshot(folder: Path, done: int, vit, recipe: dict, monitor: Optional[dict] = None) -> Path:
+    """The backbone after ``done`` iterations, in the shipped file's layout, with the images it has seen
+    and the monitor's row of that iteration."""
+    from ..fileio import save_safetensors
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in vit.state_dict().items()}
+    meta = {"architecture": json.dumps(SSL_FOUNDATION), "recipe": json.dumps(recipe), "labels_used": "false",
+            "iteration": str(done), "images_seen": str(done * recipe["batch_size"])}
+    if monitor is not None:
+        meta["monitor"] = json.dumps(monitor)
+    return save_safetensors(state, folder / f"iter_{done:06d}.safetensors", metadata=meta)
+
+
 def pretrain_ssl_foundation(out: str | os.PathLike, *, iters: Optional[int] = None, device: str = "cpu",
                             checkpoint: Optional[str | os.PathLike] = None, checkpoint_every: int = 100,
                             monitor_every: int = 500, progress: bool = True, overrides: Optional[dict] = None,
                             manifest: Optional[str | os.PathLike] = None, log=print, log_every: int = 0,
                             stop_at: Optional[int] = None, time_limit: Optional[float] = None,
-                            workers: int = 0) -> Optional[Path]:
+                            workers: int = 0, snapshots: Optional[str | os.PathLike] = None) -> Optional[Path]:
     """Pretrain the label-free foundation ViT (``PRETRAIN_SSL`` on the pool of ``SHIPPED_POOL_VERSION``,
     updated by ``overrides``, e.g. ``{"pool_version": 1}``; ``iters`` overrides the length) and write its backbone to ``out`` (safetensors, timm layout) and the manifest
     beside it (``manifest``, default ``out`` with ``.json``). ``checkpoint``: a file written every
@@ -250,7 +286,9 @@ def pretrain_ssl_foundation(out: str | os.PathLike, *, iters: Optional[int] = No
     (seconds of this call) ends the chunk early, with the state written to ``checkpoint`` (required then);
     the function returns None, and the same call resumes it. The schedule is the whole run's, so a run in
     chunks equals an uninterrupted one. ``workers``: DataLoader processes that render the pool and cut the
-    views ahead of the training step (what keeps a GPU fed); the views do not depend on their number."""
+    views ahead of the training step (what keeps a GPU fed); the views do not depend on their number.
+    ``snapshots``: a folder that receives the backbone at every monitor point (``iter_NNNNNN.safetensors``,
+    the same layout as ``out``), so that a curve of pretraining length can be measured downstream."""
     if (stop_at is not None or time_limit is not None) and checkpoint is None:
         raise ValueError("a chunked pretraining run (stop_at or time_limit) needs a checkpoint file to resume from")
     from tqdm import tqdm
@@ -259,15 +297,11 @@ def pretrain_ssl_foundation(out: str | os.PathLike, *, iters: Optional[int] = No
 
     recipe, ssl = _recipe(dict(overrides or {}, **({"iters": int(iters)} if iters is not None else {})))
     pool_version = int(recipe.get("pool_version", 1))
-    command = ssl_pretrain_command(device=device, pool_version=pool_version)
+    command = ssl_pretrain_command(device=device, pool_version=pool_version, iters=recipe["iters"],
+                                   threads=recipe["threads"])
     if device == "cpu":
         torch.set_num_threads(int(recipe["threads"]))
-    torch.manual_seed(recipe["seed"])
-    backbone = build_ssl_backbone()
-    with torch.no_grad():
-        for name, param in backbone.model.named_parameters():
-            if name.endswith((".ls1.gamma", ".ls2.gamma")):
-                param.fill_(recipe["layerscale_init"])
+    backbone = initial_ssl_backbone(recipe)
     objective = SelfDistillation(backbone.model, ssl).to(device)
     decay, no_decay = [], []
     for p in objective.trainable_parameters():
@@ -285,6 +319,8 @@ def pretrain_ssl_foundation(out: str | os.PathLike, *, iters: Optional[int] = No
         optimizer.load_state_dict(state["optimizer"])
         start_it, history = int(state["iteration"]), json.loads(state["history"])
         log(f"resuming self-supervised pretraining from {ckpt} at iteration {start_it}")
+    if snapshots is not None and start_it == 0:
+        _save_snapshot(Path(snapshots), 0, backbone.model, recipe)  # the curve's zero: no image seen
     started = time.time()
     bar = tqdm(range(start_it, recipe["iters"]), desc=f"pretrain foundation ViT ({ssl.objective}, no labels)",
                disable=not progress, dynamic_ncols=True, initial=start_it, total=recipe["iters"])
@@ -319,6 +355,8 @@ def pretrain_ssl_foundation(out: str | os.PathLike, *, iters: Optional[int] = No
             history.append({"iteration": done, **{k: round(v, 4) for k, v in logs.items()},
                             **{f"knn_{d}": round(v, 2) for d, v in probe.items()}})
             log(f"iteration {done}: " + ", ".join(f"{k} {v}" for k, v in history[-1].items() if k != "iteration"))
+            if snapshots is not None:
+                _save_snapshot(Path(snapshots), done, objective.student["vit"], recipe, history[-1])
         chunk_over = done < recipe["iters"] and ((stop_at is not None and done >= stop_at) or
                                                  (time_limit is not None and time.time() - started >= time_limit))
         if ckpt is not None and (done % checkpoint_every == 0 or chunk_over) and done < recipe["iters"]:

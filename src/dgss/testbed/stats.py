@@ -100,6 +100,7 @@ PRECONDITIONS = {
 }
 GATING = ("P1", "P2", "P3", "P4")  # a verdict is interpretable only when these pass
 _P1_MAX, _P2_MIN, _P2_SIGMAS, _P3_MIN, _P4_MAX, _P6_MIN = 1.5, 5.0, 3.0, 10.0, 1.0, 10.0
+P6_MIN = _P6_MIN  # the threshold of "pretraining matters" (Frozen - Scratch on the target mean)
 
 
 def _nanmean(values: Iterable[float]) -> float:
