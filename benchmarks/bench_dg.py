@@ -28,7 +28,8 @@ import os
 import sys
 import time
 
-from dgss.testbed.benchmark import BUDGETS, ROWS, SKIPPED_ROWS, TESTBED_BUDGETS, clock, run_seeded, seeds_of
+from dgss.testbed.benchmark import (BUDGETS, ROWS, SKIPPED_ROWS, TESTBED_BUDGETS, TimeLimitReached, clock, run_seeded,
+                                    seeds_of)
 from dgss.testbed.report import machine_info, write_report
 from dgss.testbed.stats import CORE_ROWS, REQUIRED_ROWS, summarize
 from dgss.testbed.world import WORLDS
@@ -69,6 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="runs trained at the same time, one process each (default: 2 on a CPU with 2 or more "
                              "cores, else 1; the GPU budget: 1)")
     parser.add_argument("--foundation", metavar="FILE", help="another foundation ViT file")
+    parser.add_argument("--time-limit", type=float, metavar="SECONDS",
+                        help="start no run after this many seconds; if runs are left, exit with status 3 and no "
+                             "report (the same command continues: finished runs are reused). For a run in chunks: "
+                             "a CPU session, a device call")
     resume = parser.add_mutually_exclusive_group()
     resume.add_argument("--resume", dest="resume", action="store_true", default=True,
                         help="reuse finished runs of the same config (default)")
@@ -150,8 +155,14 @@ def main(argv=None) -> int:
     for row, why in SKIPPED_ROWS.items():
         print(f"row '{row}' skipped: {why}", flush=True)
     start = time.time()
-    records = run_seeded(methods, seeds, budget, args.out, args.device, threads, points, weights=args.foundation,
-                         resume=args.resume, progress=args.progress, quiet=not args.progress, jobs=jobs, world=world)
+    deadline = None if args.time_limit is None else start + args.time_limit
+    try:
+        records = run_seeded(methods, seeds, budget, args.out, args.device, threads, points, weights=args.foundation,
+                             resume=args.resume, progress=args.progress, quiet=not args.progress, jobs=jobs,
+                             world=world, deadline=deadline)
+    except TimeLimitReached as stop:
+        print(f"bench_dg.py: {stop} ({clock(time.time() - start)})", flush=True)
+        return 3
     wall = time.time() - start
     summary = summarize(records, world.source, world.targets, gated=world.name == "testbed")
     meta = {"world": world.name, "source": world.source, "validation": list(world.validation),

@@ -96,6 +96,28 @@ def test_smoke_run_writes_every_value_and_reuses_finished_runs(tmp_path, capsys,
     assert count_trainers[5:] == ["frozen/seed0"] and [r["skipped"] for r in records] == [False, True]
 
 
+def test_a_time_limit_stops_before_a_run_and_the_same_command_continues(tmp_path, capsys, count_trainers):
+    """A run in chunks (a CPU session, a device call): past the limit no run starts, the finished ones are
+    kept, the command exits 3 without a report, and the same command continues."""
+    import time
+
+    from dgss.testbed.benchmark import TimeLimitReached
+
+    out = tmp_path / "bench"
+    argv = ["--world", "demo", "--smoke", "--methods", "frozen", "--seeds", "2", "--out", str(out), "--jobs", "1"]
+    run_seeded(["frozen"], [0], SMOKE_BUDGET, out, curve_points=2, log=lambda line: None)
+    with pytest.raises(TimeLimitReached, match="1 of 2 runs finished") as stop:
+        run_seeded(["frozen"], [0, 1], SMOKE_BUDGET, out, curve_points=2, log=lambda line: None,
+                   deadline=time.time())
+    assert (stop.value.finished, stop.value.total) == (1, 2) and count_trainers == ["frozen/seed0"]
+    assert not (out / "runs" / "frozen" / "seed1").exists()
+    assert bench_dg.main(argv + ["--time-limit", "0"]) == 3
+    assert "time limit reached: 1 of 2 runs finished" in capsys.readouterr().out
+    assert not (out / "results.json").exists() and count_trainers == ["frozen/seed0"]
+    assert bench_dg.main(argv + ["--time-limit", "3600"]) == 0  # the same command, time enough: it ends
+    assert count_trainers == ["frozen/seed0", "frozen/seed1"] and (out / "results.json").is_file()
+
+
 def test_demo_with_several_seeds_runs_through_the_benchmark_and_shows_the_spread(tmp_path, capsys):
     rows = run_demo(tmp_path / "demo", methods=("frozen",), budget=SMOKE_BUDGET, targets=("night",),
                     overlays=False, progress=False, seeds=(0, 1))

@@ -32,7 +32,7 @@ from ..tuning import METHODS as TUNING_METHODS
 from .experiment import DemoBudget, demo_config, pick_threads, run_method
 from .world import World
 
-__all__ = ["ROWS", "SKIPPED_ROWS", "ITERS_SCALE", "seeds_of", "DERIVED_ROWS", "BUDGETS", "TESTBED_BUDGETS", "DEFAULT_BUDGET", "QUICK_BUDGET", "SMOKE_BUDGET", "CUDA_BUDGET",
+__all__ = ["ROWS", "SKIPPED_ROWS", "TimeLimitReached", "ITERS_SCALE", "seeds_of", "DERIVED_ROWS", "BUDGETS", "TESTBED_BUDGETS", "DEFAULT_BUDGET", "QUICK_BUDGET", "SMOKE_BUDGET", "CUDA_BUDGET",
            "RESULT_FILE", "run_seeded", "clock"]
 
 # The benchmark's rows: name -> (method.name, dotted overrides of the demo experiment). A new row is one
@@ -142,6 +142,16 @@ def clock(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+class TimeLimitReached(RuntimeError):
+    """``run_seeded`` stopped at its ``deadline``: the runs it finished are saved (``finished`` of
+    ``total``), the others not started; the same call continues where it stopped."""
+
+    def __init__(self, finished: int, total: int):
+        super().__init__(f"time limit reached: {finished} of {total} runs finished; the same command continues "
+                         f"(finished runs are reused)")
+        self.finished, self.total = finished, total
+
+
 def _seeded_name(row: str, seed: int) -> str:
     return f"{row}/seed{seed}"
 
@@ -209,9 +219,10 @@ def _run_job(kwargs: dict) -> dict:
     return record
 
 
-def _run_parallel(jobs: int, pairs: list[tuple[str, int]], kwargs: dict,
-                  log: Callable[[str], None]) -> dict[tuple[str, int], dict]:
-    """Train ``pairs`` in ``jobs`` worker processes (spawned: a clean torch in each); their records."""
+def _run_parallel(jobs: int, pairs: list[tuple[str, int]], kwargs: dict, log: Callable[[str], None],
+                  deadline: Optional[float] = None) -> dict[tuple[str, int], dict]:
+    """Train ``pairs`` in ``jobs`` worker processes (spawned: a clean torch in each); their records.
+    Past ``deadline`` (``time.time()``) no further run starts; the running ones finish."""
     import concurrent.futures
     import multiprocessing
 
@@ -223,6 +234,8 @@ def _run_parallel(jobs: int, pairs: list[tuple[str, int]], kwargs: dict,
                    for row, seed in pairs}
         records, run_seconds = {}, 0.0
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            if future.cancelled():
+                continue
             row, seed = futures[future]
             record = records[row, seed] = future.result()
             elapsed = time.time() - start
@@ -231,6 +244,9 @@ def _run_parallel(jobs: int, pairs: list[tuple[str, int]], kwargs: dict,
             how = "finished earlier, not run again" if record["skipped"] else clock(record["seconds"])
             log(f"[{done}/{len(pairs)}] {row} seed {seed}: {_line(record)} ({how}; "
                 f"{clock(elapsed)} so far, about {clock(left)} to go)")
+            if deadline is not None and time.time() >= deadline:
+                for pending in futures:
+                    pending.cancel()  # only the runs not started yet: the running ones finish and are kept
     return records
 
 
@@ -274,7 +290,8 @@ def run_seeded(methods: Sequence[str], seeds: Sequence[int], budget: DemoBudget,
                progress: bool = False, quiet: bool = False, keep_fisher_scores: bool = False,
                run_name: Callable[[str, int], str] = _seeded_name,
                on_run: Optional[Callable[[dict, object, object], None]] = None,
-               log: Callable[[str], None] = _print, jobs: int = 1, world: Optional[World] = None) -> list[dict]:
+               log: Callable[[str], None] = _print, jobs: int = 1, world: Optional[World] = None,
+               deadline: Optional[float] = None) -> list[dict]:
     """Train and evaluate every (row of ``methods``, seed) (see the module docstring); returns one
     record per run, in order: {"row", "method", "overrides", "seed", "run_dir", "trainable", "seconds",
     "skipped", "curve": [{"iteration", "miou": {dataset: mIoU %}}], "target_mean", "config", ...}.
@@ -289,7 +306,10 @@ def run_seeded(methods: Sequence[str], seeds: Sequence[int], budget: DemoBudget,
     each in its own process with ``threads`` threads (on a CPU, one process per core is faster than
     threads: the tensors are small). Every run is the same computation whichever process trains it.
     Rows of ``DERIVED_ROWS`` (WiSE-FT) are made from their base row's run of the same seed, which runs
-    first if it is not among ``methods``.
+    first if it is not among ``methods``. ``deadline`` (a ``time.time()`` value): no run starts after it
+    (with ``jobs`` > 1, the runs already handed to a worker process still run); if runs are left then,
+    :class:`TimeLimitReached` is raised after the finished ones are saved (a run in chunks: a CPU
+    session, a device call).
     """
     from .world import DEMO_WORLD
 
@@ -314,10 +334,12 @@ def run_seeded(methods: Sequence[str], seeds: Sequence[int], budget: DemoBudget,
         if device != "cpu":
             raise ValueError("jobs > 1 runs several processes on the CPU; on a GPU use jobs=1")
         records = _run_parallel(jobs, pairs, dict(common, threads=threads or 1, progress=False, quiet=True,
-                                                  on_run=on_run), log)
+                                                  on_run=on_run), log, deadline)
     else:
         records = _run_sequential(trained_rows, seeds, threads=threads, progress=progress, quiet=quiet, on_run=on_run,
-                                  log=log, **common)
+                                  log=log, deadline=deadline, **common)
+    if len(records) < len(pairs):
+        raise TimeLimitReached(len(records), len(pairs) + len(derived) * len(seeds))
     for row in derived:
         for seed in seeds:
             records[row, seed] = _derived_run(row, seed, records[DERIVED_ROWS[row][0], seed], log=log, **common)
@@ -356,7 +378,8 @@ def _save_record(cfg, record: dict) -> None:
 
 def _run_sequential(rows: Sequence[str], seeds: Sequence[int], *, budget: DemoBudget, out_dir: str, device: str,
                     threads: Optional[int], curve_points: int, weights: str, targets, resume: bool, progress: bool,
-                    quiet: bool, keep_fisher_scores: bool, run_name, on_run, log, world) -> dict:
+                    quiet: bool, keep_fisher_scores: bool, run_name, on_run, log, world,
+                    deadline: Optional[float] = None) -> dict:
     from ..engine.trainer import FINAL_MODEL_NAME
 
     pick_threads(threads)
@@ -374,6 +397,9 @@ def _run_sequential(rows: Sequence[str], seeds: Sequence[int], *, budget: DemoBu
             records[row, seed] = {**saved, "skipped": True}
             log(f"{label}: finished earlier ({cfg.run_dir / RESULT_FILE}), not run again: {_line(saved)}")
             continue
+        if deadline is not None and time.time() >= deadline:
+            log(f"{label}: not started (time limit)")
+            break
         if cfg.run_dir.exists():
             shutil.rmtree(cfg.run_dir)  # an unfinished or different run: start afresh (the engine refuses to mix)
         log(label)
