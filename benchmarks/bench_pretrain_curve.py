@@ -9,7 +9,8 @@ given seeds (the testbed's default budget; runs reused when finished, under OUT/
 against the ``scratch`` row of the testbed run named by ``--scratch`` (Full from a random initialisation,
 which no foundation changes): P6 = Frozen - Scratch on the target mean, paired by seed, with its 95 %
 t-interval; P6 passes at >= +10. The probe (patch k-NN mIoU on the source look, a pool look and the
-validation family, never a target) is read from the file's metadata (or the run's state or manifest).
+validation family, never a target) is read from the file's metadata (or the run's state or manifest),
+and computed on the file where none recorded it (a run's starting point).
 
 Writes OUT/curve.json and OUT/curve.md, one row per foundation, sorted by images seen.
 """
@@ -64,7 +65,12 @@ def probe_row(path: Path, meta: dict) -> dict:
         if iteration < 0 and history:
             iteration = history[-1]["iteration"]
         row = next((r for r in history if r["iteration"] == iteration), {})
-    return {k: v for k, v in row.items() if k.startswith("knn_")}
+    found = {k: v for k, v in row.items() if k.startswith("knn_")}
+    if not found:  # none recorded (a run's start, a file made before snapshots): the same probe, here
+        from dgss.testbed.ssl_foundation import build_ssl_backbone, dense_knn_probe
+
+        found = {f"knn_{d}": round(v, 2) for d, v in dense_knn_probe(build_ssl_backbone(str(path)).model).items()}
+    return found
 
 
 def scratch_target_means(folder: Path, seeds) -> dict[int, float]:
