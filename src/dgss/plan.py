@@ -2,7 +2,8 @@
 
 Prints the trainable parameters (the backbone's, as the papers count them, and the head's apart), the
 per-process memory of training the config as it is (weights, gradients, optimizer state, activations,
-communication buffers, FisherTune's estimate), the verdict for the GPU given and the smallest change that
+communication buffers, named allowances for what no shape shows: library workspaces, the allocator, a CPU
+process's own memory; FisherTune's estimate), the verdict for the GPU given and the smallest change that
 makes it fit, the memory of evaluating it (whole image and sliding window at its eval settings:
 :mod:`dgss.engine.eval_memory`), and a table of its training variants (fp32/bf16 x activation
 checkpointing x DDP/FSDP). Every figure has one line saying what it is. Nothing is read or allocated: the
@@ -120,12 +121,22 @@ def format_plan(plan: MemoryPlan, planner: Planner, cfg, source: str = "", *, ba
         lines.append(f"  optimizer step       {_gib(plan.optimizer_step)}   (foreach AdamW temporary: the step is the peak)")
     if plan.ema:
         lines.append(f"  weight EMA           {_gib(plan.ema)}   (train.ema: a copy of the trained tensors)")
+    if plan.grad_accum > 1:
+        lines.append(f"  (train.grad_accum {plan.grad_accum}: every gradient is alive through each micro-batch after the first)")
+    if plan.workspaces:
+        lines.append(f"  workspaces           {_gib(plan.workspaces)}   " + (
+            "allowance: the process's own memory besides its tensors (kernel scratch, allocator, Python)"
+            if planner.device == "cpu" else "allowance: cuBLAS's workspaces, one per thread (forward, backward)"))
+    if plan.allocator:
+        lines.append(f"  allocator            {_gib(plan.allocator)}   allowance: the CUDA caching allocator's "
+                     "rounding and kernels' own buffers, 1% of the step's allocations")
     lines.append(f"  training peak        {_gib(plan.training_peak)}   the sum: the most one training step holds at once")
     if plan.estimate:
         e = plan.estimate
         lines.append(f"  FisherTune estimate  {_gib(e['peak'])}   (stage 2: weights + F sums {e['sums'] / GIB:.2f} + "
                      f"theta {e['theta'] / GIB:.2f} + max(pass {e['passes'] / GIB:.2f}, data scale "
-                     f"{e['data_scale'] / GIB:.2f}, selection {e['selection'] / GIB:.2f}); method.fishertune.estimate_memory="
+                     f"{e['data_scale'] / GIB:.2f}, selection {e['selection'] / GIB:.2f}) + allowances "
+                     f"{(e['workspaces'] + e['allocator']) / GIB:.2f}; method.fishertune.estimate_memory="
                      f"{cfg.method.fishertune.estimate_memory})")
     lines.append(f"  total                {_gib(plan.total_bytes)}   the larger of the training peak and "
                  "FisherTune's estimate: what one GPU must hold")

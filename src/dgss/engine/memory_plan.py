@@ -20,6 +20,11 @@ F(x') and the sampled theta (4 bytes per eligible entry each), then the largest 
 pass, the data scale's quantile and the selection (streamed: one tensor at a time and a running top-k of
 K entries; dense: every entry concatenated, three score-sized buffers).
 
+What no shape gives is allowed for, by name, on the safe side (each constant below says where its value
+comes from): on a GPU the cuBLAS workspaces of the forward's and the backward's threads and a fraction of
+the step's allocations for the caching allocator; on a CPU the process's own memory besides its tensors.
+With ``train.grad_accum`` > 1 the micro-batches after the first run with every gradient alive.
+
 ``fits`` compares the larger peak with the GPU's memory less a reserve (CUDA context, allocator
 slack): 5%, at least 1 GiB. ``change`` is the first of a fixed list of changes that makes it fit:
 activation checkpointing, FSDP, bf16, smaller micro-batches with gradient accumulation.
@@ -37,9 +42,35 @@ import torch
 
 from .memory_probe import Peak, StepPeaks, probe_estimate_pass, probe_training_step
 
-__all__ = ["GIB", "MemoryPlan", "plan_memory", "parse_memory", "usable_memory", "Planner"]
+__all__ = ["GIB", "MIB", "MemoryPlan", "plan_memory", "parse_memory", "usable_memory", "Planner",
+           "CUBLAS_WORKSPACES", "CUDA_ALLOCATOR_FRACTION", "CPU_PROCESS_OVERHEAD"]
 
 GIB = 2**30
+MIB = 2**20
+
+# The allowances: memory a process holds that no shape on the meta device shows. Each is the measured or
+# documented size of a mechanism, not a fit to one run's gap; docs/performance.md shows them against the runs.
+#
+# cuBLAS keeps one workspace per (handle, stream) and allocates it through PyTorch's caching allocator, so it
+# is part of torch.cuda.max_memory_allocated. Handles are per thread, and a training step drives cuBLAS from
+# two: the forward's and autograd's device thread, which runs the backward. PyTorch's default workspace is
+# 32 MiB on Hopper (sm90) and 8.125 MiB before it (ATen's CublasHandlePool.cpp; CUBLAS_WORKSPACE_CONFIG
+# changes it): planned at the larger size.
+CUBLAS_WORKSPACES = 2 * 32 * MIB
+# What CUDA's caching allocator counts beyond the tensors' own bytes, with what kernels allocate inside
+# themselves through it (the attention backward's fp32 accumulators, cuDNN's convolution workspace): every
+# block is rounded up to 512 bytes, and a cached block up to 1 MiB larger than a request is handed out whole.
+# It depends on the order of allocations, not on shapes alone: an allowance of 1% of what the step allocates
+# and frees (activations, gradients, the optimizer's temporaries, communication buffers). Its value: the H200
+# run (benchmarks/results/gpu_h200/gpu_check_run2.json, the cases no earlier case's memory was left in) was
+# 74-90 MiB above the tensors this planner counts, 10-26 MiB (0.1-0.3% of the step) beyond the cuBLAS
+# workspaces; 1% covers three times that and adds under 1% to a plan.
+CUDA_ALLOCATOR_FRACTION = 0.01
+# A CPU process's memory that is no tensor the step creates: the kernels' scratch inside oneDNN and MKL calls,
+# glibc's arenas, the autograd graph's nodes and Python's objects of the step. benchmarks/bench_plan.py
+# measured it at 44-58 MiB on every case, DINOv2-S to DINOv2-L (a constant, not a share of the model); the
+# allowance covers that with a margin for the run-to-run spread of resident memory.
+CPU_PROCESS_OVERHEAD = 96 * MIB
 
 
 def parse_memory(text: str) -> int:
@@ -80,6 +111,10 @@ class MemoryPlan:
     optimizer_step: int  # foreach AdamW's temporary (part of the peak when the step is the peak)
     training_peak: int
     ema: int = 0  # train.ema: one copy of the trained tensors (dgss.engine.ema), part of training_peak
+    # the allowances (part of training_peak): CUDA: the cuBLAS workspaces; a CPU: the process's own memory
+    workspaces: int = 0
+    allocator: int = 0  # CUDA: the caching allocator's share of the step's allocations
+    grad_accum: int = 1  # micro-batches per step: above 1, every gradient is alive through each micro-batch
     estimate: dict = field(default_factory=dict)  # FisherTune's stage 2: parts and "peak"; {} otherwise
     gpu_memory: Optional[int] = None
     change: Optional[str] = None
@@ -128,20 +163,21 @@ def _workers(jobs: int) -> int:
 
 
 def _fit(points: list[tuple[tuple[int, int], StepPeaks]], target: tuple[int, int]) -> StepPeaks:
-    """Each phase's total and gradients as c + n_frozen f + n_tuned t, from probes at (n_frozen, n_tuned)."""
+    """Each phase's total and gradients, and what the backward leaves alive, as c + n_frozen f + n_tuned t,
+    from probes at (n_frozen, n_tuned)."""
     if len(points) == 1:
         return points[0][1]
-    values = {}
-    for phase in ("head", "backbone"):
-        for part in ("total", "grads"):
-            r = {shape: getattr(getattr(peaks, phase), part) for shape, peaks in points}
-            (f0, t0), (_, t1) = points[0][0], points[1][0]
-            per_tuned = (r[points[1][0]] - r[points[0][0]]) / (t1 - t0)
-            per_frozen = r[points[2][0]] - r[points[0][0]] if len(points) > 2 else 0.0
-            values[phase, part] = max(0, round(r[points[0][0]] + (target[0] - f0) * per_frozen
-                                               + (target[1] - t0) * per_tuned))
-    return StepPeaks(Peak(values["head", "total"], values["head", "grads"]),
-                     Peak(values["backbone", "total"], values["backbone", "grads"]))
+    (f0, t0), (_, t1) = points[0][0], points[1][0]
+
+    def scaled(value) -> int:
+        r = {shape: value(peaks) for shape, peaks in points}
+        per_tuned = (r[points[1][0]] - r[points[0][0]]) / (t1 - t0)
+        per_frozen = r[points[2][0]] - r[points[0][0]] if len(points) > 2 else 0.0
+        return max(0, round(r[points[0][0]] + (target[0] - f0) * per_frozen + (target[1] - t0) * per_tuned))
+
+    head, backbone = (Peak(scaled(lambda p, ph=ph: getattr(p, ph).total), scaled(lambda p, ph=ph: getattr(p, ph).grads))
+                      for ph in ("head", "backbone"))
+    return StepPeaks(head, backbone, scaled(lambda p: p.after))
 
 
 def _nbytes(tensors) -> int:
@@ -168,6 +204,10 @@ class Planner:
         self.buffer_bytes = _nbytes(model.buffers())
         self.grad_bytes = _nbytes(trainable)
         self.largest_trainable = max((_nbytes([p]) for p in trainable), default=0)
+        # AdamW steps one parameter group at a time (the optimizer's groups, as dgss.engine.optim builds them)
+        train = self.cfg.train
+        real_groups = model.parameter_groups(train.lr, train.weight_decay, self.cfg.method.backbone_lr_mult)
+        self.group_bytes = [_nbytes(g["params"]) for g in real_groups if g["params"]]
         blocks = model.backbone.blocks
         self.depth = len(blocks)
         in_blocks = {id(p) for b in blocks for p in b.parameters()}
@@ -272,6 +312,8 @@ class Planner:
         ckpt = train.grad_checkpointing if grad_checkpointing is None else grad_checkpointing
         parallel = (train.parallel if parallel is None else parallel) if gpus > 1 else "ddp"
         batch = train.batch_size if batch_size is None else batch_size
+        # the same images per step: a smaller micro-batch takes more of them (as _describe proposes)
+        accum = max(1, train.grad_accum * train.batch_size // batch)
         peaks = self.step_peaks(amp, ckpt, batch)
         shards = gpus if parallel == "fsdp" else 1
         weights = -(-self.param_bytes // shards) + self.buffer_bytes
@@ -281,35 +323,54 @@ class Planner:
             communication = self.grad_bytes  # DDP's buckets
         elif shards > 1:  # FSDP: the unsharded root, two blocks gathered, two blocks' gradients to reduce
             communication = self.root_bytes + 2 * self.block_bytes + 2 * self.block_grad_bytes
-        phase = max(peaks.head, peaks.backbone, key=lambda p: p.total)
-        grads_at_peak = -(-phase.grads // shards)
+        if accum > 1:
+            # micro-batches after the first run forward and backward with the earlier ones' gradients alive
+            # (the new ones are added into them): every gradient, plus the most else a phase holds
+            phase = max(peaks.head, peaks.backbone, key=lambda p: p.total - p.grads)
+            grads_at_peak = -(-self.grad_bytes // shards)
+        else:
+            phase = max(peaks.head, peaks.backbone, key=lambda p: p.total)
+            grads_at_peak = -(-phase.grads // shards)
         activations = phase.total - phase.grads
         transient = self._optimizer_transient(shards)
-        step = -(-self.grad_bytes // shards) + transient
+        # the optimizer step: every gradient, its temporary, and what the backward left alive besides them
+        step = -(-self.grad_bytes // shards) + transient + peaks.after
         if step > grads_at_peak + activations:  # the optimizer step is the peak
-            grads_at_peak, activations = -(-self.grad_bytes // shards), 0
+            grads_at_peak, activations = -(-self.grad_bytes // shards), peaks.after
         else:
             transient = 0
         # the weight EMA keeps one copy of every trained tensor in its dtype on every process (refused under FSDP)
         ema = self.grad_bytes if self.cfg.train.ema.enabled else 0
-        training = weights + optimizer + communication + grads_at_peak + activations + transient + ema
+        workspaces, allocator = self._allowances(grads_at_peak + activations + transient + communication)
+        training = (weights + optimizer + communication + grads_at_peak + activations + transient + ema
+                    + workspaces + allocator)
         plan = MemoryPlan(amp, ckpt, parallel, gpus, batch, weights, grads_at_peak, optimizer, activations,
-                          communication, transient, training, ema=ema, gpu_memory=gpu_memory)
+                          communication, transient, training, ema=ema, gpu_memory=gpu_memory,
+                          workspaces=workspaces, allocator=allocator, grad_accum=accum)
         if self.fishertune is not None:
             plan.estimate = self.estimate_plan(gpus if parallel == "ddp" else 1)
         return plan
 
+    def _allowances(self, step_bytes: int) -> tuple[int, int]:
+        """(workspaces, allocator): what no shape shows, for a step that allocates and frees ``step_bytes``
+        (the constants' comments say where each value comes from). CUDA: the cuBLAS workspaces and the
+        caching allocator's share; a CPU: the process's own memory besides its tensors."""
+        if self.device == "cpu":
+            return CPU_PROCESS_OVERHEAD, 0
+        return CUBLAS_WORKSPACES, round(CUDA_ALLOCATOR_FRACTION * step_bytes)
+
     def _optimizer_transient(self, shards: int) -> int:
         """AdamW's temporary at its step, by the implementation dgss.engine.optim picks (train.fused_adamw):
-        fused (CUDA, unsharded) works in place; foreach (a CPU, FSDP, or fused_adamw off on CUDA) makes one
-        state-sized temporary (the sqrt of the second moments); torch's per-tensor loop on a CPU (fused_adamw
-        off) two of the largest tensor's."""
+        fused (CUDA, unsharded) works in place; foreach (a CPU, FSDP, or fused_adamw off on CUDA) makes the
+        square root of every second moment of a parameter group at once (torch._foreach_sqrt), freed before
+        the next group: the largest group's bytes; torch's per-tensor loop on a CPU (fused_adamw off) two of
+        the largest tensor's."""
         fused = getattr(self.cfg.train, "fused_adamw", False)
         if self.device != "cpu" and fused and shards == 1:
             return 0
         if self.device == "cpu" and not fused:
             return 2 * self.largest_trainable
-        return self.grad_bytes // shards
+        return -(-max(self.group_bytes, default=0) // shards)
 
     def estimate_plan(self, gpus: int) -> dict:
         """FisherTune's stage-2 peak: weights, the head's AdamW state and last gradients, then the largest
@@ -321,7 +382,10 @@ class Planner:
         if gpus > 1 and self.cfg.train.parallel == "ddp":
             base += self.grad_bytes  # DDP's buckets exist from the start
         if cfg.selection == "random":  # no passes: uniform scores, ranked at once
-            return {"sums": 0, "theta": 0, "passes": 0, "selection": 8 * n + 12 * k, "peak": base + 8 * n + 12 * k}
+            workspaces, allocator = self._allowances(8 * n + 12 * k)
+            return {"sums": 0, "theta": 0, "passes": 0, "data_scale": 0, "selection": 8 * n + 12 * k,
+                    "workspaces": workspaces, "allocator": allocator,
+                    "peak": base + 8 * n + 12 * k + workspaces + allocator}
         sums = (1 if cfg.selection == "fisher" else 2) * 4 * n
         theta = 4 * n if cfg.variational else 0
         peaks = self.estimate_pass()
@@ -332,9 +396,10 @@ class Planner:
             selection, data_scale = 48 * k + 24 * ft["largest"], 24 * ft["largest"]
         else:  # the two terms, their sum and its concatenation; every positive entry concatenated and sorted
             selection, data_scale = 12 * n + 16 * k, 16 * n
-        peak = base + sums + max(theta + passes, data_scale, selection)
+        step = sums + max(theta + passes, data_scale, selection)
+        workspaces, allocator = self._allowances(step)
         return {"sums": sums, "theta": theta, "passes": passes, "data_scale": data_scale, "selection": selection,
-                "peak": peak}
+                "workspaces": workspaces, "allocator": allocator, "peak": base + step + workspaces + allocator}
 
 
 def _changes(gpus: int, batch: int) -> list[dict]:

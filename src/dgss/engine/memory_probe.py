@@ -16,16 +16,18 @@ Three things a meta run would do differently are replaced. Attention runs the ta
 kernel (:class:`FusedAttention`; on meta PyTorch takes the math path, which keeps every attention
 matrix). Hungarian matching (it needs values) assigns every query-class pair of the first min(Q, K)
 classes, the most masks any label map can give (the matching costs are still computed: they are alive
-at the loss). CUDA's autocast, which dispatches on CUDA tensors only, is emulated for bf16 by
+at the loss). CUDA's autocast, which dispatches on CUDA tensors only, is emulated for bf16 and fp16 by
 :class:`EmulatedAutocast` with CUDA's cast policy (matrix products and convolutions in bf16, casts of
 trainable leaves kept for the step; norms, softmax, reductions and losses in fp32), so what is saved for
 backward is what autocast saves. Memory a kernel allocates inside itself and frees before it returns is
-not seen (on a CPU about 50 MB of a process's peak, docs/performance.md section 6).
+not seen: the planner adds it as named allowances (:mod:`.memory_plan`: cuBLAS's workspaces and the caching
+allocator's share on a GPU, the process's own memory on a CPU).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -53,10 +55,13 @@ class Peak:
 
 @dataclass(frozen=True)
 class StepPeaks:
-    """The peaks of the two phases of a step (``backbone`` is empty when no gradient reaches a block)."""
+    """The peaks of the two phases of a step (``backbone`` is empty when no gradient reaches a block), and
+    ``after``: the bytes besides gradients still alive when the backward pass has returned (the loss terms,
+    anything a module keeps): they are there during the optimizer step too."""
 
     head: Peak
     backbone: Peak
+    after: int = 0
 
 
 def _tensors(tree) -> list[torch.Tensor]:
@@ -133,6 +138,9 @@ _FP32 = {F.layer_norm, F.group_norm, F.softmax, F.log_softmax, F.cross_entropy, 
          F.softplus, torch.softmax, torch.log_softmax, torch.Tensor.softmax, torch.Tensor.log_softmax, torch.exp,
          torch.Tensor.exp, torch.log, torch.Tensor.log, torch.rsqrt, torch.Tensor.rsqrt, torch.pow, torch.Tensor.pow,
          torch.Tensor.__pow__, torch.sum, torch.Tensor.sum, torch.cumsum, torch.Tensor.cumsum, torch.logsumexp}
+
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.amp -> autocast's dtype
 
 
 class EmulatedAutocast(TorchFunctionMode):
@@ -296,7 +304,8 @@ def probe_training_step(cfg, *, amp: str = "none", device: str = "meta", target:
     prepare_method(model)
     tracker = LiveBytes()
     handles = _block_output_marker(model, tracker) + _mark_gradients(model, tracker)
-    autocast = EmulatedAutocast(torch.bfloat16) if amp == "bf16" else None
+    # fp16 autocast casts to the same ops as bf16 on CUDA (its GradScaler's state is a few scalars)
+    autocast = EmulatedAutocast(_AUTOCAST_DTYPES[amp]) if amp in _AUTOCAST_DTYPES else None
     try:
         with planning_matcher(), tracker, FusedAttention(target):
             images, labels = _inputs(cfg, cfg.train.batch_size, device)  # the batch counts too
@@ -307,10 +316,11 @@ def probe_training_step(cfg, *, amp: str = "none", device: str = "meta", target:
             with autocast or contextlib.nullcontext():
                 _backward(loss)
             del loss
+        after = tracker.live - tracker.grads
     finally:
         for handle in handles:
             handle.remove()
-    return _phases(tracker)
+    return dataclasses.replace(_phases(tracker), after=after)
 
 
 def probe_estimate_pass(cfg, *, device: str = "meta", target: str = "cuda") -> StepPeaks:
