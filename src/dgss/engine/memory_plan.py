@@ -68,7 +68,7 @@ CUBLAS_WORKSPACES = 2 * 32 * MIB
 CUDA_ALLOCATOR_FRACTION = 0.01
 # A CPU process's memory that is no tensor the step creates: the kernels' scratch inside oneDNN and MKL calls,
 # glibc's arenas, the autograd graph's nodes and Python's objects of the step. benchmarks/bench_plan.py
-# measured it at 44-58 MiB on every case, DINOv2-S to DINOv2-L (a constant, not a share of the model); the
+# measured it at 44-59 MiB on every case, DINOv2-S to DINOv2-L (a constant, not a share of the model); the
 # allowance covers that with a margin for the run-to-run spread of resident memory.
 CPU_PROCESS_OVERHEAD = 96 * MIB
 
