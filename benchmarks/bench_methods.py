@@ -124,9 +124,9 @@ def limit_part(model, images, cotangents):
 def whole_step(model, opt, images, labels, autocast=contextlib.nullcontext, ema=None):
     """One training step as the Trainer takes it (``autocast``: around the forward pass only; ``ema``: a
     :class:`WeightEMA` updated after the step, as with ``train.ema``)."""
+    opt.zero_grad(set_to_none=True)  # before the forward, as the Trainer: no gradient lives through it
     with autocast():
         loss = model.loss(images, labels)["loss"]
-    opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     if ema is not None:
