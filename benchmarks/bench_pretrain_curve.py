@@ -113,11 +113,10 @@ def main(argv=None) -> int:
                              jobs=args.jobs, threads=1, quiet=True, curve_points=2 if args.smoke else 4)
         frozen = {r["seed"]: r["target_mean"] for r in records}
         source = t_interval([r["curve"][-1]["miou"][TESTBED_WORLD.source] for r in records])
-        p6 = paired_difference(frozen, scratch)
+        p6, targets = paired_difference(frozen, scratch), t_interval(list(frozen.values()))
         rows.append({"file": str(path), "images_seen": images_seen(meta), "iteration": meta.get("iteration"),
                      "probe": probe_row(path, meta), "frozen_source": source["mean"],
-                     "frozen_targets": t_interval(list(frozen.values()))["mean"],
-                     "frozen_targets_sd": t_interval(list(frozen.values()))["sd"],
+                     "frozen_targets": targets["mean"], "frozen_targets_sd": targets["sd"],
                      "scratch_targets": t_interval(list(scratch.values()))["mean"],
                      "P6": {k: p6[k] for k in ("mean", "low", "high", "n")}, "P6_pass": p6["mean"] >= P6_MIN,
                      "seconds": sum(r["seconds"] for r in records)})

@@ -257,13 +257,18 @@ def _save_checkpoint(path: Path, it: int, objective: SelfDistillation, optimizer
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def _backbone_tensors(vit) -> dict:
+    """The ViT's tensors as the foundation file holds them (CPU, contiguous, timm's names)."""
+    return {k: v.detach().cpu().contiguous() for k, v in vit.state_dict().items()}
+
+
 def _save_snapshot(folder: Path, done: int, vit, recipe: dict, monitor: Optional[dict] = None) -> Path:
     """The backbone after ``done`` iterations, in the shipped file's layout, with the images it has seen
     and the monitor's row of that iteration."""
     from ..fileio import save_safetensors
 
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in vit.state_dict().items()}
+    state = _backbone_tensors(vit)
     meta = {"architecture": json.dumps(SSL_FOUNDATION), "recipe": json.dumps(recipe), "labels_used": "false",
             "iteration": str(done), "images_seen": str(done * recipe["batch_size"])}
     if monitor is not None:
@@ -367,8 +372,7 @@ def pretrain_ssl_foundation(out: str | os.PathLike, *, iters: Optional[int] = No
                 f"({done * recipe['batch_size']:,} images seen); the same command resumes from {ckpt}")
             return None
     out = Path(out)
-    vit = objective.student["vit"]
-    state = {k: v.detach().cpu().contiguous() for k, v in vit.state_dict().items()}
+    state = _backbone_tensors(objective.student["vit"])
     # the canonical command (the shipped path), not ``out``: the file's bytes must not depend on where it was written
     meta = {"command": command, "architecture": json.dumps(SSL_FOUNDATION),
             "recipe": json.dumps(recipe), "objective": ssl.objective, "labels_used": "false"}
