@@ -99,3 +99,40 @@ def test_curve_sets_each_foundation_against_scratch_by_seed(tmp_path, capsys):
         bench_pretrain_curve.main([str(out), str(late), "--scratch", str(testbed), "--seed-list", "5", "--smoke"])
     assert bench_pretrain_curve.main([str(out), str(tmp_path / "none.safetensors"), "--scratch", str(testbed)]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_curve_scores_the_unseen_look_and_trains_again_what_only_has_a_record(tmp_path):
+    import bench_dg_rescore
+
+    late = _snapshot(tmp_path / "snapshots", 250, seed=2)
+    testbed = tmp_path / "testbed"
+    _record(testbed, "scratch", 0, 20.0)  # records without model files: scratch is trained again under OUT
+    _record(testbed, "scratch", 1, 22.0)
+    out = tmp_path / "curve"
+    args = [str(out), str(late), "--scratch", str(testbed), "--seed-list", "0,1", "--smoke", "--unseen", "snow-1"]
+    assert bench_pretrain_curve.main(args) == 0
+    row = json.loads((out / "curve.json").read_text())["rows"][0]
+    frozen_runs = [out / late.stem / "runs" / "frozen" / f"seed{s}" for s in (0, 1)]
+    scratch_runs = [out / "scratch" / "runs" / "scratch" / f"seed{s}" for s in (0, 1)]
+    images = json.loads((frozen_runs[0] / RESULT_FILE).read_text())["config"]["data"]["test"][0]["options"]["num_images"]
+    frozen = [bench_dg_rescore.rescore(run, images, ["snow-1"])["miou"]["snow-1"] for run in frozen_runs]
+    scratch = [bench_dg_rescore.rescore(run, images, ["snow-1"])["miou"]["snow-1"] for run in scratch_runs]
+    assert row["unseen"]["frozen"] == pytest.approx(sum(frozen) / 2)
+    assert row["unseen"]["scratch"] == pytest.approx(sum(scratch) / 2)
+    assert row["unseen"]["difference"]["mean"] == pytest.approx((frozen[0] - scratch[0] + frozen[1] - scratch[1]) / 2)
+    assert row["P6"]["mean"] == pytest.approx(sum(json.loads((r / RESULT_FILE).read_text())["target_mean"]
+                                                  for r in frozen_runs) / 2 - 21.0)  # P6 keeps the records' scratch
+    assert "| Frozen / Scratch on snow-1 |" in (out / "curve.md").read_text()
+
+    # the scores are cached by the model's content: a model file gone (a new machine) is not needed again
+    cache = out / "unseen" / late.stem / "seed0.json"
+    assert json.loads(cache.read_text())["miou"]["snow-1"] == pytest.approx(frozen[0])
+    (frozen_runs[0] / "model_final.safetensors").unlink()
+    assert bench_pretrain_curve.main(args) == 0
+    assert not (frozen_runs[0] / "model_final.safetensors").exists()
+    # without the cache as well, the run is trained again (deterministic: the same model, the same score)
+    cache.unlink()
+    assert bench_pretrain_curve.main(args) == 0
+    assert json.loads(cache.read_text())["miou"]["snow-1"] == pytest.approx(frozen[0])
+    with pytest.raises(SystemExit):
+        bench_pretrain_curve.main(args[:-1] + ["snowy"])
