@@ -102,8 +102,9 @@ def evaluate_on(run: Path, domains) -> dict[str, float]:
     cfg = load_config(run / "config.yaml")
     template = cfg.data.test[0]
     cfg.data.test = [dataclasses.replace(template, name=d, options={**template.options, "domain": d}) for d in domains]
+    cfg.data.val = []  # scored by the run already (PreciseBN draws its batches from the training set)
     results, _ = evaluate_model_file(cfg, run / FINAL_MODEL_NAME)
-    return {r.name: r.miou for r in results[len(cfg.data.val):]}
+    return {r.name: r.miou for r in results}
 
 
 def unseen_scores(folder: Path, row: str, seeds, cache_dir: Path, domains) -> tuple[dict[int, dict], list[int]]:
