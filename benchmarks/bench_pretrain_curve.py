@@ -180,7 +180,6 @@ def main(argv=None) -> int:
     budget = TESTBED_BUDGETS["smoke" if args.smoke else "default"]
     runs = dict(budget=budget, world=TESTBED_WORLD, jobs=args.jobs, threads=1, quiet=True,
                 curve_points=2 if args.smoke else 4)
-    scratch_unseen = None
     if unseen:  # Scratch's runs scored on the unseen look: the --scratch run's, or trained here
         scratch_unseen, missing = unseen_scores(Path(args.scratch), "scratch", seeds, out / "unseen" / "scratch", unseen)
         if missing:
@@ -190,6 +189,7 @@ def main(argv=None) -> int:
                 if abs(r["target_mean"] - scratch[r["seed"]]) > 0.05:
                     print(f"note: scratch seed {r['seed']} trained here scores {r['target_mean']:.2f} on the targets, "
                           f"its record in --scratch {scratch[r['seed']]:.2f}; P6 keeps the record's", flush=True)
+        scratch_means = _mean_over(scratch_unseen)
     rows = []
     for path in files:
         meta = file_metadata(path)
@@ -211,10 +211,11 @@ def main(argv=None) -> int:
                      "P6": {k: p6[k] for k in ("mean", "low", "high", "n")}, "P6_pass": p6["mean"] >= P6_MIN,
                      "seconds": sum(r["seconds"] for r in records)})
         if unseen:
-            on_unseen = paired_difference(_mean_over(frozen_unseen), _mean_over(scratch_unseen))
+            frozen_means = _mean_over(frozen_unseen)
+            on_unseen = paired_difference(frozen_means, scratch_means)
             rows[-1]["unseen"] = {
-                "domains": unseen, "frozen": t_interval(list(_mean_over(frozen_unseen).values()))["mean"],
-                "scratch": t_interval(list(_mean_over(scratch_unseen).values()))["mean"],
+                "domains": unseen, "frozen": t_interval(list(frozen_means.values()))["mean"],
+                "scratch": t_interval(list(scratch_means.values()))["mean"],
                 "frozen_by_domain": {d: sum(m[d] for m in frozen_unseen.values()) / len(seeds) for d in unseen},
                 "difference": {k: on_unseen[k] for k in ("mean", "low", "high", "n")}}
         print(f"{path}: {rows[-1]['images_seen']} images seen, frozen target mean {rows[-1]['frozen_targets']:.2f}, "
