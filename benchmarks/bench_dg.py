@@ -164,9 +164,9 @@ def main(argv=None) -> int:
         print(f"bench_dg.py: {stop} ({clock(time.time() - start)})", flush=True)
         return 3
     wall = time.time() - start
-    summary = summarize(records, world.source, world.targets, gated=world.name == "testbed")
+    summary = summarize(records, world.source, world.targets, gated=world.gated, unseen=world.unseen)
     meta = {"world": world.name, "source": world.source, "validation": list(world.validation),
-            "targets": list(world.targets), "budget_name": name, "jobs": jobs, "budget": dataclasses.asdict(budget), "seeds": seeds,
+            "targets": list(world.targets), "unseen": list(world.unseen), "budget_name": name, "jobs": jobs, "budget": dataclasses.asdict(budget), "seeds": seeds,
             "methods": methods,
             "curve_points": points, "rows": {m: {"method": ROWS[m][0], "overrides": ROWS[m][1]} for m in methods},
             "skipped_rows": SKIPPED_ROWS, "machine": machine_info(threads, args.device),

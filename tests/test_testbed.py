@@ -608,3 +608,48 @@ def test_rescoring_a_finished_run_on_its_own_images_reproduces_its_record(tmp_pa
     with pytest.raises(SystemExit) as exc:
         bench_dg_rescore.main([str(run), "--domains", "night-z"])
     assert exc.value.code == 2 and "unknown synthetic domain(s) night-z" in capsys.readouterr().err
+
+
+def test_a_worlds_unseen_looks_are_tested_in_columns_of_their_own(tmp_path, tiny_testbed_foundation):
+    """Issue 37: a world's unseen look (snow, which no pretraining image has) is evaluated with the targets,
+    shown in its own columns and paired like them, and left out of the target mean, the preconditions
+    and the claims; the ssl-small rows name today's label-free file."""
+    import dataclasses
+
+    from dgss.testbed.benchmark import ROWS, run_seeded
+    from dgss.testbed.report import format_tables
+    from dgss.testbed.world import resolve_weights
+
+    world = dataclasses.replace(TESTBED_WORLD, unseen=("snow-1",))
+    assert world.evaluated == (*TESTBED_WORLD.evaluated, "snow-1") and TESTBED_WORLD.unseen == ()
+    (record,) = run_seeded(["frozen"], [0], SMOKE_BUDGET, tmp_path / "bench", curve_points=1,
+                           weights=tiny_testbed_foundation, world=world, log=lambda line: None)
+    miou = record["curve"][-1]["miou"]
+    assert list(miou) == list(world.evaluated)
+    assert [d["name"] for d in record["config"]["data"]["test"]] == [*TESTBED_WORLD.targets, "snow-1"]
+    assert record["target_mean"] == pytest.approx(np.mean([miou[t] for t in TESTBED_WORLD.targets]))
+
+    def faked(row, seed, shift):  # the smoke run's numbers, moved: frozen + shift on the targets, 2 x on snow
+        curve = [{"iteration": 1, "miou": {d: v + (shift * (2 if d == "snow-1" else 1) if d != "clean" else 0)
+                                           for d, v in miou.items()}}]
+        return {"row": row, "seed": seed, "trainable": 0, "curve": curve}
+
+    records = [faked("frozen", s, 0.0) for s in range(3)] + [faked("rein", s, 1.0 + 0.1 * s) for s in range(3)]
+    plain = summarize(records, "clean", TESTBED_WORLD.targets)
+    summary = summarize(records, "clean", TESTBED_WORLD.targets, unseen=world.unseen)
+    assert summary["unseen"] == ["snow-1"] and "unseen" not in plain["paired"]["rein"]
+    assert summary["paired"]["rein"]["unseen"]["mean"] == pytest.approx(2.2)  # 2 x (1.0, 1.1, 1.2)
+    assert summary["paired"]["rein"]["target"] == plain["paired"]["rein"]["target"]
+    assert summary["paired"]["rein"]["target"]["mean"] == pytest.approx(1.1)
+    assert summary["table"]["frozen"]["unseen"]["mean"] == pytest.approx(miou["snow-1"])
+    assert summary["claims"] == plain["claims"]
+    md = format_tables(summary)
+    assert "| snow-1 (unseen) | mean (unseen) |" in md and "unseen mean − frozen |" in md
+    assert "+2.20 [" in md.split("unseen mean − frozen |")[1]
+    assert "(unseen)" not in format_tables(plain)
+
+    assert resolve_weights("ssl-small") == resolve_weights("ssl-foundation")
+    assert ROWS["frozen-ssl-small"] == ("frozen", ["model.weights=ssl-small"])
+    cfg = demo_config("fishertune", budget=SMOKE_BUDGET, out_dir=tmp_path, world=TESTBED_WORLD, weights=None,
+                      overrides=ROWS["fishertune-ssl-small"][1])
+    assert cfg.model.weights == resolve_weights("ssl-foundation")

@@ -86,14 +86,14 @@ def demo_config(method: str, *, budget: DemoBudget, out_dir: str | Path, weights
     ``overrides``: dotted ``key=value`` items applied last (the benchmark's ablation rows); ``name``: the
     run folder under ``OUT/runs`` (default: ``method``); ``curve_points`` > 1: checkpoints (all kept)
     at :func:`curve_iterations`; ``world``: the synthetic world (:mod:`dgss.testbed.world`; default the
-    demo's): source, targets (unless ``targets`` is given), validation family, label set, foundation
-    architecture and head. A ``model.weights`` override may name a foundation alias
-    ("label-foundation", "ssl-foundation") or null (random initialisation); the backbone takes the
-    architecture written in the weights file's metadata."""
+    demo's): source, validation family, the domains tested (unless ``targets`` is given: the world's
+    targets and unseen looks), label set, foundation architecture and head. A ``model.weights`` override
+    may name a foundation alias ("label-foundation", "ssl-foundation", "ssl-small") or null (random
+    initialisation); the backbone takes the architecture written in the weights file's metadata."""
     from .world import DEMO_WORLD, foundation_architecture, resolve_weights
 
     world = world or DEMO_WORLD
-    targets = tuple(targets) if targets is not None else world.targets
+    targets = tuple(targets) if targets is not None else world.tested
     # the world's overrides of this method's rows come first, so a row's own override wins
     override_items = parse_overrides([*world.method_overrides.get(method, ()), *overrides])
     for key, value in override_items:  # a row's own foundation (or none): its architecture follows the file

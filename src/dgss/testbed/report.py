@@ -30,21 +30,26 @@ def _interval(diff: dict) -> str:
 def format_tables(summary: dict) -> str:
     """The Markdown of results.md's three tables (mean ± sd; paired differences; claims)."""
     source, targets = summary["source"], summary["targets"]
+    unseen = summary.get("unseen") or []  # the looks no pretraining image has: after the target mean
+    unseen_quantities = [*unseen, "unseen"] if unseen else []
     pct = round(100 * summary["confidence"])
     lines = _precondition_lines(summary.get("preconditions") or {})
-    head = ["method", "seeds", "trainable backbone params", f"{source} (source)", *targets, "mean (targets)"]
+    head = ["method", "seeds", "trainable backbone params", f"{source} (source)", *targets, "mean (targets)",
+            *(f"{u} (unseen)" for u in unseen), *(["mean (unseen)"] if unseen else [])]
     lines += ["### mIoU (%) at the final iteration, mean ± sample std over seeds", "",
               "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row, entry in summary["table"].items():
         cells = [row, str(entry["n"]), f"{entry['trainable']:,}",
-                 *(_pm(entry[q]) for q in (source, *targets, "target"))]
+                 *(_pm(entry[q]) for q in (source, *targets, "target", *unseen_quantities))]
         lines.append("| " + " | ".join(cells) + " |")
     if summary["paired"]:
         base = summary["baseline"]
         lines += ["", f"### Paired difference to {base} (same seed), mean [{pct}% t-interval over seeds], mIoU points",
-                  "", f"| method | source − {base} | target mean − {base} |", "|---|---|---|"]
+                  "", f"| method | source − {base} | target mean − {base} |"
+                  + (f" unseen mean − {base} |" if unseen else ""), "|---|---|---|" + ("---|" if unseen else "")]
         for row, diff in summary["paired"].items():
-            lines.append(f"| {row} | {_interval(diff['source'])} | {_interval(diff['target'])} |")
+            lines.append(f"| {row} | {_interval(diff['source'])} | {_interval(diff['target'])} |"
+                         + (f" {_interval(diff['unseen'])} |" if unseen else ""))
     if summary["claims"]:
         lines += ["", f"### The papers' claims at this scale (paired by seed, {pct}% t-interval)", "",
                   "| claim | statement | difference | on | claimed | mean [interval] | verdict |",

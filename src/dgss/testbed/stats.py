@@ -108,12 +108,16 @@ def _nanmean(values: Iterable[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def run_value(miou: dict[str, float], quantity: str, source: str, targets: Sequence[str]) -> float:
-    """One run's number: "source", "target" (mean over ``targets``, as the demo's table) or a domain."""
+def run_value(miou: dict[str, float], quantity: str, source: str, targets: Sequence[str],
+              unseen: Sequence[str] = ()) -> float:
+    """One run's number: "source", "target" (mean over ``targets``, as the demo's table), "unseen" (mean
+    over ``unseen``, the looks no pretraining image has) or a domain."""
     if quantity == "source":
         return miou[source]
     if quantity == "target":
         return _nanmean(miou[t] for t in targets)
+    if quantity == "unseen":
+        return _nanmean(miou[t] for t in unseen)
     return miou[quantity]
 
 
@@ -125,26 +129,31 @@ def _by_row(records: Sequence[dict]) -> dict[str, dict[int, dict]]:
 
 
 def summarize(records: Sequence[dict], source: str, targets: Sequence[str], *, baseline: str = "frozen",
-              gated: bool = False) -> dict:
+              gated: bool = False, unseen: Sequence[str] = ()) -> dict:
     """Everything results.md shows, from the runs' records (final iteration unless stated):
 
     * "table": row -> {"n", "seeds", "trainable", <dataset>/"target" -> {"mean", "sd", "values"}};
-    * "paired": row -> {"source", "target"} paired differences to ``baseline`` (rows other than it);
+    * "paired": row -> {"source", "target"[, "unseen"]} paired differences to ``baseline`` (rows other than it);
     * "claims": the :data:`CLAIMS` whose rows were run, each with its interval and verdict;
     * "curves": row -> {"iterations", "source"/"target" -> {"mean", "sd"}} over seeds;
     * "preconditions": P1-P6 (:func:`preconditions`) when ``gated`` (the testbed), else empty; a failing
       (or unmeasured) P1-P4 turns every verdict into "not interpretable (P_k fails)";
     * "selection_bias": :func:`selection_bias`.
+
+    ``unseen`` (the world's unseen looks): their columns and their mean ("unseen") join the table and the
+    paired differences; the target mean, the preconditions and the claims never read them.
     """
     rows = _by_row(records)
-    quantities = [source, *targets, "target"]
+    unseen = [u for u in unseen if u not in targets]
+    quantities = [source, *targets, "target", *((*unseen, "unseen") if unseen else ())]
+    paired_quantities = ("source", "target", "unseen") if unseen else ("source", "target")
     table, curves = {}, {}
     for row, runs in rows.items():
         seeds = sorted(runs)
         final = {s: runs[s]["curve"][-1]["miou"] for s in seeds}
         entry = {"n": len(seeds), "seeds": seeds, "trainable": runs[seeds[0]]["trainable"]}
         for q in quantities:
-            values = [run_value(final[s], q, source, targets) for s in seeds]
+            values = [run_value(final[s], q, source, targets, unseen) for s in seeds]
             mean, sd = mean_std(values)
             entry[q] = {"mean": mean, "sd": sd, "values": values}
         table[row] = entry
@@ -157,13 +166,13 @@ def summarize(records: Sequence[dict], source: str, targets: Sequence[str], *, b
         curves[row] = curve
 
     def values(row: str, quantity: str) -> dict[int, float]:
-        return {s: run_value(r["curve"][-1]["miou"], quantity, source, targets) for s, r in rows[row].items()}
+        return {s: run_value(r["curve"][-1]["miou"], quantity, source, targets, unseen) for s, r in rows[row].items()}
 
     paired = {}
     if baseline in rows:
         for row in rows:
             if row != baseline:
-                paired[row] = {q: paired_difference(values(row, q), values(baseline, q)) for q in ("source", "target")}
+                paired[row] = {q: paired_difference(values(row, q), values(baseline, q)) for q in paired_quantities}
     checks = preconditions(records, source, targets) if gated else {}
     failing = [k for k in GATING if k in checks and checks[k]["pass"] is not True]
     claims = []
@@ -175,7 +184,8 @@ def summarize(records: Sequence[dict], source: str, targets: Sequence[str], *, b
                 decided = f"not interpretable ({', '.join(failing)} {'fails' if len(failing) == 1 else 'fail'})"
             claims.append({"id": cid, "claim": text, "a": a, "b": b, "quantity": quantity, "direction": direction,
                            **diff, "verdict": decided})
-    return {"source": source, "targets": list(targets), "baseline": baseline, "confidence": CONFIDENCE,
+    return {"source": source, "targets": list(targets), "unseen": list(unseen), "baseline": baseline,
+            "confidence": CONFIDENCE,
             "preconditions": checks, "table": table, "paired": paired, "claims": claims, "curves": curves,
             "selection_bias": selection_bias(records, source, targets)}
 
